@@ -1,0 +1,48 @@
+"""weightslab: automatic, verified, bit-exact checkpointing for PyTorch training.
+
+Register the objects of a run once; the checkpoint system saves them in the background every N
+steps and whenever the architecture, the hyperparameters or the model state change, files every
+checkpoint under its experiment (a hash of architecture + hyperparameters), and resumes bit for bit::
+
+    import weightslab as wl
+
+    system = wl.get_checkpoint_system(root_log_dir="./experiments", checkpoint_frequency=100)
+    wl.register_model("model", model)
+    wl.register_optimizer("optimizer", optimizer)
+    wl.register_hyperparams("config", "config.yaml")
+    start = system.resume()
+    for step in range(start + 1, num_steps + 1):
+        loss = train_step()
+        wl.checkpoint_on_step(step, metrics={"loss": loss.item()})
+    system.close()
+"""
+
+from ._version import __version__
+from .errors import (ArchitectureMismatchError, CheckpointNotFoundError, CheckpointSaveError, ConfigError,
+                     CorruptCheckpointError, FormatVersionError, HyperparamsError, InvalidMetricsError,
+                     InvalidStepError, NotRegisteredError, RegistrationError, StateError, WeightslabError)
+from .fingerprint import ExperimentHashGenerator
+from .ledger import (get_dataloader, get_hyperparams, get_model, get_optimizer, get_scaler, get_scheduler,
+                     get_state, list_registered, register_dataloader, register_hyperparams, register_model,
+                     register_optimizer, register_scaler, register_scheduler, register_state, unregister)
+from .manager import CheckpointManager
+from .system import (AutomaticCheckpointSystem, CheckpointConfig, CheckpointInfo, checkpoint_on_config_change,
+                     checkpoint_on_model_change, checkpoint_on_state_change, checkpoint_on_step,
+                     get_checkpoint_system)
+
+__all__ = [
+    "__version__",
+    # the ledger
+    "register_model", "register_optimizer", "register_scheduler", "register_hyperparams",
+    "register_dataloader", "register_scaler", "register_state",
+    "get_model", "get_optimizer", "get_scheduler", "get_hyperparams", "get_dataloader", "get_scaler",
+    "get_state", "unregister", "list_registered",
+    # the checkpoint system
+    "get_checkpoint_system", "checkpoint_on_step", "checkpoint_on_model_change", "checkpoint_on_config_change",
+    "checkpoint_on_state_change", "AutomaticCheckpointSystem", "CheckpointConfig", "CheckpointInfo",
+    "CheckpointManager", "ExperimentHashGenerator",
+    # errors
+    "WeightslabError", "NotRegisteredError", "RegistrationError", "HyperparamsError", "ConfigError",
+    "InvalidStepError", "InvalidMetricsError", "StateError", "CheckpointNotFoundError",
+    "CorruptCheckpointError", "FormatVersionError", "ArchitectureMismatchError", "CheckpointSaveError",
+]

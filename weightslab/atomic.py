@@ -1,0 +1,134 @@
+"""Durable, atomic file writes and the sweeping of what a crash leaves behind.
+
+A file is written under a temporary name in its final directory, flushed, fsynced, renamed over
+its final name, and the directory is fsynced, so a crash at any instant leaves either the old file
+or the new one, never a torn one. Temporary names carry the writer's pid so that a later process
+can tell an orphan (its writer is dead) from a file another live process is still writing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable, Union
+
+__all__ = ["TEMP_PREFIX", "atomic_write", "fsync_dir", "make_dirs", "temp_path_for", "sweep_temp_files"]
+
+TEMP_PREFIX = ".tmp."
+Buffer = Union[bytes, bytearray, memoryview]
+
+# An orphan whose pid was reused by an unrelated process would never be swept by the pid test
+# alone; after this long no save is plausibly still writing it.
+_ORPHAN_AGE_SECONDS = 24 * 3600
+
+
+def temp_path_for(path: Path) -> Path:
+    """A unique temporary sibling of ``path``: ``.tmp.<pid>.<random>.<name>``."""
+    return path.parent / f"{TEMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:12]}.{path.name}"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or creation inside ``directory`` durable (a no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open directories; its renames are durable enough.
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, making each new entry durable in its parent."""
+    directory = Path(directory)
+    if directory.is_dir():
+        return
+    created = []
+    for d in reversed([directory, *directory.parents]):
+        if not d.exists():
+            try:
+                d.mkdir()
+            except FileExistsError:  # another thread or process made it meanwhile
+                continue
+            created.append(d)
+    for d in created:
+        fsync_dir(d.parent)
+
+
+def atomic_write(path: Path, chunks: Buffer | Iterable[Buffer], *, sync_dir: bool = True) -> int:
+    """Write ``chunks`` to ``path`` atomically and durably; return the number of bytes written.
+
+    ``chunks`` may be one bytes-like object or an iterable of them (written in order without being
+    joined, so large tensor buffers are never copied).
+    """
+    path = Path(path)
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = (chunks,)
+    tmp = temp_path_for(path)
+    written = 0
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                written += f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+    return written
+
+
+def _writer_is_dead(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False
+    return False
+
+
+def sweep_temp_files(directories: Iterable[Path]) -> list[Path]:
+    """Remove temporary files left in ``directories`` by writers that no longer run.
+
+    A file is swept when the pid in its name is not alive, or when it is older than a day. Files
+    of live writers (another process saving into the same root right now) are left alone.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    for directory in directories:
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+                continue
+            pid_text = entry.name[len(TEMP_PREFIX):].split(".", 1)[0]
+            try:
+                stale = _writer_is_dead(int(pid_text))
+            except ValueError:
+                stale = True  # not a name we write; a temp prefix with no pid is an orphan anyway
+            if not stale:
+                try:
+                    stale = now - entry.stat(follow_symlinks=False).st_mtime > _ORPHAN_AGE_SECONDS
+                except FileNotFoundError:
+                    continue
+            if stale:
+                try:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+                except FileNotFoundError:
+                    pass
+    return removed

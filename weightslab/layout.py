@@ -1,0 +1,137 @@
+"""The directories a person sees: where each file of a root lives, and how names are parsed back.
+
+::
+
+    <root>/
+      checkpoints/<exp_hash>/
+        experiment.json                    what went into the hash, parent, created
+        model/<exp_hash>_architecture.txt  readable module tree
+        model/<exp_hash>_step_<step:06d>.json   one committed checkpoint (its manifest)
+        hp/<exp_hash>_config.yaml          the hyperparameters of this experiment
+        data/                              reserved for the user's data state
+      objects/<aa>/<rest>.safetensors      content-addressed tensor packs shared by all experiments
+      index.sqlite                         catalog (derived; rebuilt from the manifests)
+      logs/
+
+This module only names and lists paths; it writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["Layout", "HASH_LENGTH", "is_experiment_hash"]
+
+HASH_LENGTH = 16
+_HASH_RE = re.compile(r"^[0-9a-f]{16}$")
+_MANIFEST_RE = re.compile(r"^([0-9a-f]{16})_step_(\d+)\.json$")
+PACK_SUFFIX = ".safetensors"
+
+
+def is_experiment_hash(text: str) -> bool:
+    return bool(_HASH_RE.match(text))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths inside one weightslab root."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).expanduser().absolute())
+
+    # --- root level -------------------------------------------------------------------------
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.root / "objects"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "index.sqlite"
+
+    # --- one experiment ---------------------------------------------------------------------
+    def experiment_dir(self, exp_hash: str) -> Path:
+        return self.checkpoints_dir / exp_hash
+
+    def experiment_record(self, exp_hash: str) -> Path:
+        return self.experiment_dir(exp_hash) / "experiment.json"
+
+    def model_dir(self, exp_hash: str) -> Path:
+        return self.experiment_dir(exp_hash) / "model"
+
+    def hp_dir(self, exp_hash: str) -> Path:
+        return self.experiment_dir(exp_hash) / "hp"
+
+    def data_dir(self, exp_hash: str) -> Path:
+        return self.experiment_dir(exp_hash) / "data"
+
+    def architecture_text(self, exp_hash: str) -> Path:
+        return self.model_dir(exp_hash) / f"{exp_hash}_architecture.txt"
+
+    def hyperparams_yaml(self, exp_hash: str) -> Path:
+        return self.hp_dir(exp_hash) / f"{exp_hash}_config.yaml"
+
+    def manifest(self, exp_hash: str, step: int) -> Path:
+        return self.model_dir(exp_hash) / f"{exp_hash}_step_{step:06d}.json"
+
+    # --- content-addressed objects ----------------------------------------------------------
+    def pack(self, pack_id: str) -> Path:
+        """Fan out by the first two hex digits, as git does, to keep directories small."""
+        return self.objects_dir / pack_id[:2] / f"{pack_id[2:]}{PACK_SUFFIX}"
+
+    # --- parsing and listing ----------------------------------------------------------------
+    @staticmethod
+    def parse_manifest_name(name: str) -> tuple[str, int] | None:
+        """``'<hash>_step_000100.json'`` -> ``('<hash>', 100)``; anything else -> None."""
+        m = _MANIFEST_RE.match(name)
+        return (m.group(1), int(m.group(2))) if m else None
+
+    def experiments(self) -> list[str]:
+        """Hashes of the experiment directories of this root, sorted."""
+        try:
+            names = os.listdir(self.checkpoints_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if is_experiment_hash(n) and (self.checkpoints_dir / n).is_dir())
+
+    def manifests(self, exp_hash: str) -> list[tuple[int, Path]]:
+        """``(step, path)`` of every committed checkpoint of one experiment, by step."""
+        found = []
+        try:
+            entries = os.scandir(self.model_dir(exp_hash))
+        except FileNotFoundError:
+            return []
+        with entries:
+            for entry in entries:
+                parsed = self.parse_manifest_name(entry.name)
+                if parsed and parsed[0] == exp_hash:
+                    found.append((parsed[1], Path(entry.path)))
+        found.sort()
+        return found
+
+    def temp_dirs(self) -> Iterator[Path]:
+        """Every directory a save writes temporary files into (for the sweep at start)."""
+        yield self.root
+        yield self.checkpoints_dir
+        if self.objects_dir.is_dir():
+            yield self.objects_dir
+            for entry in os.scandir(self.objects_dir):
+                if entry.is_dir():
+                    yield Path(entry.path)
+        for exp in self.experiments():
+            yield self.experiment_dir(exp)
+            yield self.model_dir(exp)
+            yield self.hp_dir(exp)

@@ -1,0 +1,179 @@
+"""What a checkpoint holds: collecting the full training state from the ledger, and putting it back.
+
+The state layer knows torch, not paths. :func:`capture` turns every registered object into one
+JSON-ready tree plus a flat table of (live, uncopied) tensors; :func:`restore` checks that the tree
+fits the registered objects *before* touching any of them, then restores models, optimizers,
+schedulers, scalers, hyperparameters, data loaders and custom state, and the random generators
+last (a restore may draw random numbers).
+
+Besides ``state_dict()``, a model's entry records which parameters are frozen and which modules
+are in eval mode: both change what the next training step computes, so an exact resume needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from . import codec, rng
+from . import hyperparams as _hp
+from .errors import ArchitectureMismatchError, StateError
+from .ledger import Ledger
+
+__all__ = ["Captured", "capture", "restore", "check_compatible", "RestoreReport"]
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Captured:
+    tree: dict[str, Any]
+    tensors: dict[str, torch.Tensor]  # live tensors: copy them before training continues
+
+
+@dataclass
+class RestoreReport:
+    restored: list[str] = field(default_factory=list)  # "model 'main'", ...
+    missing: list[str] = field(default_factory=list)  # registered here, absent from the checkpoint
+    unused: list[str] = field(default_factory=list)  # in the checkpoint, not registered here
+
+
+def capture(ledger: Ledger, *, step: int) -> Captured:
+    """Collect everything registered into one tree; raises :class:`StateError` naming what failed."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree: dict[str, Any] = {"step": step}
+
+    def enc(value: Any, path: str, what: str) -> Any:
+        return codec.encode(value, path=path, tensors=tensors, what=what)
+
+    tree["models"] = {}
+    for name, model in ledger.objects("model").items():
+        what = f"model {name!r}"
+        tree["models"][name] = {
+            "state_dict": enc(dict(model.state_dict()), f"models/{name}", what),
+            "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+            "eval": [n for n, m in model.named_modules() if not m.training],
+        }
+    for section, kind in (("optimizers", "optimizer"), ("schedulers", "scheduler"), ("scalers", "scaler")):
+        tree[section] = {name: enc(obj.state_dict(), f"{section}/{name}", f"{kind} {name!r}")
+                         for name, obj in ledger.objects(kind).items()}
+    tree["hyperparams"] = {
+        name: enc(_hp.to_plain(obj, where=f"hyperparameters {name!r}"), f"hyperparams/{name}",
+                  f"hyperparameters {name!r}")
+        for name, obj in ledger.objects("hyperparams").items()}
+    tree["dataloaders"] = {}
+    for name, loader in ledger.objects("dataloader").items():
+        state_dict = getattr(loader, "state_dict", None)
+        tree["dataloaders"][name] = (enc(state_dict(), f"dataloaders/{name}", f"dataloader {name!r}")
+                                     if callable(state_dict) else None)
+    tree["custom"] = {}
+    for name, entry in ledger.entries("state").items():
+        try:
+            value = entry.obj()
+        except Exception as exc:
+            raise StateError(f"the getter of custom state {name!r} raised {type(exc).__name__}: {exc}") from exc
+        tree["custom"][name] = enc(value, f"state/{name}", f"custom state {name!r}")
+    tree["rng"] = enc(rng.capture(), "rng", "random generator state")
+    return Captured(tree=tree, tensors=tensors)
+
+
+def _model_tensor_keys(model_tree: Mapping[str, Any]) -> dict[str, str]:
+    """``{state_dict key: tensor-table key}`` for one model's entry."""
+    sd = model_tree.get("state_dict", {})
+    return {name: node["key"] for name, node in sd.items()
+            if isinstance(node, dict) and node.get(codec.TAG) == "tensor"}
+
+
+def check_compatible(ledger: Ledger, tree: Mapping[str, Any],
+                     tensor_meta: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+    """Raise :class:`ArchitectureMismatchError` listing every difference between the checkpoint's
+    models and optimizers and the registered ones, before anything is modified."""
+    differences: list[str] = []
+    for name, model in ledger.objects("model").items():
+        saved = tree.get("models", {}).get(name)
+        if saved is None:
+            continue
+        live = model.state_dict()
+        keys = _model_tensor_keys(saved)
+        for pname in sorted(set(keys) | set(live)):
+            if pname not in live:
+                dtype, shape = tensor_meta[keys[pname]]
+                differences.append(f"model {name!r}: {pname} {list(shape)} {dtype} is in the checkpoint "
+                                   "but not in the model")
+            elif pname not in keys:
+                differences.append(f"model {name!r}: {pname} {list(live[pname].shape)} is in the model "
+                                   "but not in the checkpoint")
+            else:
+                dtype, shape = tensor_meta[keys[pname]]
+                t = live[pname]
+                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    differences.append(f"model {name!r}: {pname} is {list(shape)} {dtype} in the checkpoint, "
+                                       f"{list(t.shape)} {t.dtype} in the model")
+    for name, opt in ledger.objects("optimizer").items():
+        saved = tree.get("optimizers", {}).get(name)
+        if saved is None:
+            continue
+        groups = codec.decode(saved.get("param_groups", []), {})
+        live_sizes = [len(g["params"]) for g in opt.param_groups]
+        saved_sizes = [len(g["params"]) for g in groups]
+        if live_sizes != saved_sizes:
+            differences.append(f"optimizer {name!r}: parameter groups hold {saved_sizes} parameters in the "
+                               f"checkpoint but {live_sizes} here")
+    if differences:
+        listing = "\n  ".join(differences)
+        raise ArchitectureMismatchError(
+            f"the checkpoint does not fit the registered objects:\n  {listing}\n"
+            "Build the model as it was when the checkpoint was saved (system.peek(ref) shows its "
+            "hyperparameters and architecture), or resume a checkpoint of this architecture.",
+            differences=differences)
+
+
+def restore(ledger: Ledger, tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> RestoreReport:
+    """Load ``tree`` into the registered objects (call :func:`check_compatible` first)."""
+    report = RestoreReport()
+
+    def dec(node: Any) -> Any:
+        return codec.decode(node, tensors)
+
+    def pair(section: str, kind: str) -> list[tuple[str, Any, Any]]:
+        saved = tree.get(section, {}) or {}
+        live = ledger.entries(kind)
+        report.missing += [f"{kind} {n!r}" for n in live if n not in saved]
+        report.unused += [f"{kind} {n!r}" for n in saved if n not in live]
+        return [(n, live[n], saved[n]) for n in live if n in saved]
+
+    for name, entry, saved in pair("models", "model"):
+        model = entry.obj
+        model.load_state_dict(dec(saved["state_dict"]), strict=True)
+        frozen = set(saved.get("frozen", []))
+        for pname, p in model.named_parameters():
+            p.requires_grad_(pname not in frozen)
+        in_eval = set(saved.get("eval", []))
+        for mname, m in model.named_modules():
+            m.training = mname not in in_eval
+        report.restored.append(f"model {name!r}")
+    for section, kind in (("optimizers", "optimizer"), ("schedulers", "scheduler"), ("scalers", "scaler")):
+        for name, entry, saved in pair(section, kind):
+            entry.obj.load_state_dict(dec(saved))
+            report.restored.append(f"{kind} {name!r}")
+    for name, entry, saved in pair("hyperparams", "hyperparams"):
+        _hp.restore_in_place(entry.obj, dec(saved), name=name)
+        report.restored.append(f"hyperparameters {name!r}")
+    for name, entry, saved in pair("dataloaders", "dataloader"):
+        if saved is None:
+            continue
+        load = getattr(entry.obj, "load_state_dict", None)
+        if callable(load):
+            load(dec(saved))
+            report.restored.append(f"dataloader {name!r}")
+        else:
+            log.warning("dataloader %r has no load_state_dict(); its saved position was not restored", name)
+    for name, entry, saved in pair("custom", "state"):
+        entry.setter(dec(saved))
+        report.restored.append(f"custom state {name!r}")
+    if "rng" in tree:
+        rng.restore(dec(tree["rng"]))
+        report.restored.append("random generators")
+    return report

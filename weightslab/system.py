@@ -1,0 +1,783 @@
+"""The automatic checkpoint system: the one orchestrator, and the only place where the parts meet.
+
+At each step boundary it asks the change detector what changed, the fingerprint which experiment
+the run now is, and the save policy whether to save; a save captures the state, copies its
+tensors, and hands the copy to the background writer, which commits it through the checkpoint
+manager. ``resume`` goes the other way: resolve a ref, verify, check fit, restore (RNG last).
+
+Step boundaries come from ``checkpoint_on_step(step)`` calls or, in a loop that never makes them,
+from the registered optimizers: their post-step hook marks a boundary as due once every registered
+optimizer has stepped, and the next forward of a registered model processes it. Waiting for that
+forward means the rest of the step (``scheduler.step()``, ``scaler.update()``) is in the state,
+exactly as it is when the loop calls ``checkpoint_on_step`` itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import datetime as _dt
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from . import codec, snapshot
+from . import hyperparams as _hp
+from . import state as _state
+from .change import ChangeDetector, StateChange
+from .errors import (CheckpointSaveError, ConfigError, CorruptCheckpointError, HyperparamsError,
+                     InvalidMetricsError, InvalidStepError, WeightslabError)
+from .experiment import ExperimentRecord, Parent
+from .fingerprint import ExperimentHashGenerator, Fingerprint, architecture_text, diff_architecture, diff_hyperparams
+from ._version import __version__
+from .ledger import LEDGER, Entry, Ledger
+from .manager import CheckpointEntry, CheckpointManager, SaveRequest
+from .manifest import Manifest
+from .refs import parse_ref
+from .triggers import SavePolicy
+from .writer import Writer
+
+__all__ = [
+    "CheckpointConfig",
+    "CheckpointInfo",
+    "AutomaticCheckpointSystem",
+    "get_checkpoint_system",
+    "checkpoint_on_step",
+    "checkpoint_on_model_change",
+    "checkpoint_on_config_change",
+    "checkpoint_on_state_change",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _default_root() -> Path:
+    return Path(os.environ.get("WEIGHTSLAB_ROOT") or "./experiments")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Settings of the checkpoint system; the defaults serve a person who passes nothing."""
+
+    #: Where experiments go. Default: ``$WEIGHTSLAB_ROOT`` or ``./experiments``.
+    root_log_dir: Path = field(default_factory=_default_root)
+    #: Save when ``step % checkpoint_frequency == 0``; None saves only on changes and at exit.
+    checkpoint_frequency: int | None = 100
+    #: Raise save failures at once (saves become synchronous) instead of logging and keeping them.
+    strict: bool = False
+    #: Hook registered optimizers (and the forward of registered models) to find step boundaries
+    #: in loops that never call ``checkpoint_on_step``.
+    hook_optimizer: bool = True
+    #: Take a final checkpoint at ``close()`` (and interpreter exit) if the last step has none.
+    save_on_close: bool = True
+    #: Saves queued or being written at most; a further save waits for a slot.
+    max_pending_saves: int = 2
+    #: Hyperparameter keys (bare names or dotted paths) that do not change the experiment, on top
+    #: of ``weightslab.fingerprint.DEFAULT_EXCLUDED_KEYS``.
+    exclude_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.root_log_dir, (str, os.PathLike)):
+            raise ConfigError(f"root_log_dir must be a path, got {type(self.root_log_dir).__name__}")
+        object.__setattr__(self, "root_log_dir", Path(self.root_log_dir).expanduser().absolute())
+        freq = self.checkpoint_frequency
+        if freq is not None and (isinstance(freq, bool) or not isinstance(freq, int) or freq < 1):
+            raise ConfigError(f"checkpoint_frequency must be a positive integer (save every N steps) or None "
+                              f"(save only on changes), got {freq!r}")
+        for name in ("strict", "hook_optimizer", "save_on_close"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.max_pending_saves, bool) or not isinstance(self.max_pending_saves, int) \
+                or self.max_pending_saves < 1:
+            raise ConfigError(f"max_pending_saves must be a positive integer, got {self.max_pending_saves!r}")
+        if isinstance(self.exclude_keys, str):
+            raise ConfigError("exclude_keys must be a list of key names, not a single string; "
+                              f"write exclude_keys=[{self.exclude_keys!r}]")
+        keys = tuple(self.exclude_keys)
+        if not all(isinstance(k, str) and k for k in keys):
+            raise ConfigError(f"exclude_keys must be non-empty strings, got {keys!r}")
+        object.__setattr__(self, "exclude_keys", keys)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint holds, read from its (verified) manifest without loading any tensor."""
+
+    ref: str
+    experiment: str
+    step: int
+    reasons: tuple[str, ...]
+    created: str
+    metrics: Mapping[str, Any]
+    hyperparams: Mapping[str, Any]  # registration name -> saved values
+    path: Path
+    parent: str | None  # the experiment's parent ref, if it was opened by a change
+    architecture: list[Any]  # the experiment's structural description (see fingerprint)
+    nbytes: int
+
+
+def _now() -> tuple[str, int]:
+    ns = time.time_ns()
+    iso = _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.timezone.utc).isoformat(timespec="microseconds")
+    return iso.replace("+00:00", "Z"), ns
+
+
+def _versions() -> dict[str, str]:
+    return {"weightslab": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _validate_step(step: Any) -> int:
+    if isinstance(step, bool) or not hasattr(step, "__index__"):
+        raise InvalidStepError(f"checkpoint_on_step(step) needs an integer step (the number of optimizer "
+                               f"updates done), got {type(step).__name__} {step!r}; pass int(step)")
+    value = step.__index__()
+    if value < 0:
+        raise InvalidStepError(f"checkpoint_on_step(step) needs a step >= 0, got {value}")
+    return value
+
+
+def _validate_metrics(metrics: Any) -> dict[str, Any] | None:
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        raise InvalidMetricsError(f"metrics must be a dict of names to numbers, got {type(metrics).__name__}")
+    out = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise InvalidMetricsError(f"metric names must be strings, got {name!r}")
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+            raise InvalidMetricsError(f"metric {name!r} must be a number, got {type(value).__name__} {value!r}; "
+                                      "pass loss.item() rather than the tensor or a list")
+        out[name] = codec.encode(float(value), path=f"metrics/{name}", tensors={}, what="metrics")
+    return out
+
+
+class AutomaticCheckpointSystem:
+    """Saves every registered object of a training run when it matters, and restores it exactly.
+
+    ::
+
+        import weightslab as wl
+
+        system = wl.get_checkpoint_system(root_log_dir="./experiments", checkpoint_frequency=100)
+        wl.register_model("model", model)
+        wl.register_optimizer("optimizer", optimizer)
+        wl.register_scheduler("scheduler", scheduler)
+        config = wl.register_hyperparams("config", "config.yaml")
+        start = system.resume()                  # 0 on a fresh run, else the step restored
+
+        for step in range(start + 1, num_steps + 1):
+            loss = train_step(model, optimizer, config)
+            scheduler.step()
+            wl.checkpoint_on_step(step, metrics={"loss": loss.item()})
+        system.close()                           # waits for background saves; also runs at exit
+
+    Saves happen every ``checkpoint_frequency`` steps and whenever the architecture, the
+    hyperparameters or the model state (frozen parameters, train/eval) change; an architecture or
+    hyperparameter change opens a new experiment directory that records its parent. Saves are
+    written in the background; a failed save never stops training (unless ``strict=True``) but
+    is logged and raised from :meth:`wait` or :meth:`close`.
+    """
+
+    def __init__(self, config: CheckpointConfig | None = None, *, ledger: Ledger = LEDGER, **settings: Any):
+        if config is None:
+            config = _make_config(settings)
+        elif settings:
+            raise ConfigError("pass either a CheckpointConfig or keyword settings, not both")
+        self.config = config
+        self.ledger = ledger
+        self.manager = CheckpointManager(config.root_log_dir)
+        self._policy = SavePolicy(every_steps=config.checkpoint_frequency)
+        self._hasher = ExperimentHashGenerator(exclude_keys=config.exclude_keys)
+        self._detector = ChangeDetector()
+        self._writer = Writer(max_pending=config.max_pending_saves)
+        self._lock = threading.RLock()
+        self._run = uuid.uuid4().hex[:12]
+        self._experiment: ExperimentRecord | None = None
+        self._fingerprint: Fingerprint | None = None
+        self._last_step: int | None = None
+        self._metrics: tuple[int, dict[str, Any]] | None = None  # (step, metrics) last passed in
+        self._saved: set[tuple[str, int]] = set()  # (experiment, step) saved by this run
+        self._resumed_from: str | None = None
+        self._explicit = False  # the loop calls checkpoint_on_step itself
+        self._pending: int | None = None  # implicit boundary due at the next forward
+        self._stepped: set[int] = set()  # optimizers stepped since the last boundary
+        self._optimizer_ran = False  # an optimizer step started since the last boundary
+        self._handles: dict[tuple[str, str], list[Any]] = {}
+        self._warned: set[str] = set()
+        self._closed = False
+        self._detector.install()
+        for kind in ("model", "optimizer", "dataloader"):
+            for entry in ledger.entries(kind).values():
+                self._attach(entry)
+        self._unsubscribe = ledger.subscribe(self._on_ledger)
+        atexit.register(self._atexit)
+        log.debug("checkpoint system started under %s", self.root)
+
+    # --- properties -------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return self.config.root_log_dir
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def step(self) -> int | None:
+        """The step of the last boundary (or of the checkpoint resumed), None before any."""
+        return self._last_step
+
+    @property
+    def experiment_hash(self) -> str:
+        """The hash of the experiment the run is in now."""
+        with self._lock:
+            if self._experiment is None:
+                self._refresh(self._last_step or 0)
+            assert self._experiment is not None
+            return self._experiment.hash
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.manager.layout.experiment_dir(self.experiment_hash)
+
+    @property
+    def has_saved(self) -> bool:
+        return bool(self._saved)
+
+    # --- ledger events and hooks ------------------------------------------------------------
+    def _on_ledger(self, event: str, entry: Entry, previous: Entry | None) -> None:
+        if self._closed:
+            return
+        if previous is not None:
+            self._detach(previous)
+        if event == "register":
+            self._attach(entry)
+        else:
+            self._detach(entry)
+        if entry.kind in ("model", "hyperparams"):
+            self._detector.invalidate()
+
+    def _attach(self, entry: Entry) -> None:
+        key = (entry.kind, entry.name)
+        if entry.kind == "dataloader" and not callable(getattr(entry.obj, "state_dict", None)):
+            self._warn_once(f"loader:{entry.name}",
+                            "dataloader %r has no state_dict(): checkpoints do not hold its position, so a "
+                            "resumed run restarts its current epoch from the beginning. Use a loader with "
+                            "state_dict()/load_state_dict() (for instance torchdata's StatefulDataLoader) "
+                            "for an exact mid-epoch resume.", entry.name)
+        if not self.config.hook_optimizer:
+            return
+        if entry.kind == "optimizer":
+            opt = entry.obj
+            self._handles[key] = [opt.register_step_pre_hook(self._on_optimizer_pre_step),
+                                  opt.register_step_post_hook(self._on_optimizer_step)]
+        elif entry.kind == "model":
+            self._handles[key] = [entry.obj.register_forward_pre_hook(self._on_forward)]
+
+    def _detach(self, entry: Entry) -> None:
+        for handle in self._handles.pop((entry.kind, entry.name), []):
+            handle.remove()
+
+    def _on_optimizer_pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._optimizer_ran = True
+
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._explicit or self._closed:
+            return
+        self._stepped.add(id(optimizer))
+        if len(self._stepped) < len(self._handles_of("optimizer")):
+            return  # wait until every registered optimizer has stepped (GANs step two per iteration)
+        self._stepped.clear()
+        if self._pending is not None:
+            self._warn_once("no-forward",
+                            "optimizers stepped twice with no forward of a registered model in between, so the "
+                            "step boundary after step %d was skipped. Implicit checkpoints find step boundaries "
+                            "at the forward of a registered model: register the model you train, or call "
+                            "wl.checkpoint_on_step(step) after each step.", self._pending)
+        self._pending = (self._pending if self._pending is not None else (self._last_step or 0)) + 1
+
+    def _handles_of(self, kind: str) -> list[tuple[str, str]]:
+        return [k for k in self._handles if k[0] == kind]
+
+    def _on_forward(self, module: Any, args: Any) -> None:
+        if self._pending is not None and not self._explicit and not self._closed:
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        step, self._pending = self._pending, None
+        if step is not None:
+            self._boundary(step, metrics=None, forced=(), forced_changes=())
+
+    # --- the public triggers ----------------------------------------------------------------
+    def checkpoint_on_step(self, step: int, metrics: Mapping[str, Any] | None = None) -> bool:
+        """Mark the end of training step ``step`` (after its optimizer update); save if it is due.
+
+        Returns True when a checkpoint was taken at this boundary (written in the background).
+        """
+        step = _validate_step(step)
+        metrics = _validate_metrics(metrics)
+        with self._lock:
+            self._explicit = True
+            self._pending = None
+            return self._boundary(step, metrics=metrics, forced=(), forced_changes=())
+
+    def checkpoint_on_model_change(self) -> bool:
+        """Checkpoint now because the architecture changed (detected anyway at the next boundary)."""
+        return self._forced("model_change", {"kind": "model_change", "forced": True})
+
+    def checkpoint_on_config_change(self) -> bool:
+        """Checkpoint now because the hyperparameters changed (detected anyway at the next boundary)."""
+        return self._forced("config_change", {"kind": "config_change", "forced": True})
+
+    def checkpoint_on_state_change(self, kind: str = "state") -> bool:
+        """Checkpoint now because the model state changed (``'freeze'``, ``'reset'``, ``'eval'``, ...)."""
+        if not isinstance(kind, str) or not kind:
+            raise InvalidStepError(f"checkpoint_on_state_change(kind) needs a short name of the change such as "
+                                   f"'freeze' or 'reset', got {kind!r}")
+        return self._forced("state_change", {"kind": kind, "forced": True})
+
+    def _forced(self, event: str, change: dict[str, Any]) -> bool:
+        with self._lock:
+            if self._pending is not None and not self._explicit:
+                self._flush_pending()
+            step = self._last_step if self._last_step is not None else 0
+            return self._boundary(step, metrics=None, forced=(event,), forced_changes=(change,))
+
+    # --- the step boundary ------------------------------------------------------------------
+    def _boundary(self, step: int, *, metrics: dict[str, Any] | None, forced: tuple[str, ...],
+                  forced_changes: tuple[dict[str, Any], ...]) -> bool:
+        with self._lock:
+            self._check_open()
+            self._stepped.clear()
+            if self._last_step is not None and step < self._last_step and not forced:
+                self._warn_once("backwards", "the step went backwards (%d after %d); checkpoints are labelled "
+                                "with the step you pass, so pass a step that keeps growing", step, self._last_step)
+            if metrics is not None:
+                self._metrics = (step, metrics)
+            events: list[str] = list(forced)
+            changes: list[dict[str, Any]] = list(forced_changes)
+            poll = self._detector.poll()
+            state_changes: list[StateChange] = list(poll.state)
+            if self._experiment is None or poll.structure or poll.hyperparams or \
+                    {"model_change", "config_change"} & set(forced):
+                ev, ch, st = self._refresh(step)
+                events += [e for e in ev if e not in events]
+                changes += ch
+                state_changes += st
+            if state_changes:
+                if "state_change" not in events:
+                    events.append("state_change")
+                changes += [c.to_json() for c in state_changes]
+                for c in state_changes:
+                    log.info("step %d: %s", step, c)
+            self._last_step = step
+            self._optimizer_ran = False
+            reasons = self._policy.reasons(step=step, events=events)
+            if not reasons:
+                return False
+            return self._save(step, reasons, changes)
+
+    def _refresh(self, step: int) -> tuple[list[str], list[dict[str, Any]], list[StateChange]]:
+        """Recompute the fingerprint; open a new experiment if it changed. Returns (events, changes,
+        state changes found while taking the new baseline)."""
+        models = self.ledger.objects("model")
+        hparams = self.ledger.objects("hyperparams")
+        try:
+            fp = self._hasher.fingerprint(models, hparams)
+        except HyperparamsError as exc:
+            # A value that cannot be hashed was put into the live config: keep the current
+            # experiment, say so once, and keep checking at later boundaries.
+            self._detector.track(models, hparams)
+            self._fail(f"hyperparameter check at step {step}", exc)
+            return [], [], []
+        state_changes = self._detector.track(models, hparams)
+        if self._experiment is None:
+            self._open_experiment(fp, parent=None)
+            return [], [], state_changes
+        if fp.hash == self._experiment.hash:
+            return [], [], state_changes
+        assert self._fingerprint is not None
+        diff = fp.compare(self._fingerprint)
+        events, changes, lines = [], [], []
+        if diff.architecture:
+            arch = diff_architecture(self._fingerprint.architecture, fp.architecture)
+            events.append("model_change")
+            changes.append({"kind": "model_change", "diff": arch})
+            lines += arch
+        if diff.hyperparams:
+            hp = diff_hyperparams(self._fingerprint.hyperparams, fp.hyperparams)
+            events.append("config_change")
+            changes.append({"kind": "config_change", "diff": hp})
+            lines += hp
+        old = self._experiment.hash
+        parent_step = self._last_step if self._last_step is not None else step
+        self._open_experiment(fp, parent=Parent(old, parent_step, events[0], tuple(lines)))
+        log.info("step %d: %s -> new experiment %s (parent %s@%d): %s", step, " and ".join(events),
+                 fp.hash, old, parent_step, "; ".join(lines) or "no readable difference")
+        return events, changes, state_changes
+
+    def _open_experiment(self, fp: Fingerprint, *, parent: Parent | None) -> None:
+        existing = self.manager.read_experiment(fp.hash) if self.manager.layout.experiment_record(fp.hash).exists() else None
+        if existing is not None:
+            record = existing
+            if parent is not None:
+                log.info("returning to existing experiment %s", fp.hash)
+        else:
+            models = self.ledger.objects("model")
+            record = ExperimentRecord.open(
+                fp, created=_now()[0], excluded_keys=self._hasher.excluded_keys, parent=parent,
+                versions=_versions(), architecture_text=architecture_text(models),
+                hyperparams_values={n: _hp.to_plain(o) for n, o in self.ledger.objects("hyperparams").items()})
+        self._experiment, self._fingerprint = record, fp
+        resumed_here = self._resumed_from is not None and self._resumed_from.startswith(fp.hash + "@")
+        if not resumed_here:
+            earlier = [e for e in self.manager.checkpoints([fp.hash]) if (fp.hash, e.step) not in self._saved]
+            if earlier:
+                self._warn_once(f"earlier:{fp.hash}",
+                                "experiment %s already holds %d checkpoints (up to step %d) from an earlier run "
+                                "that this run did not resume; checkpoints this run takes at the same steps will "
+                                "replace them. Call system.resume() before training to continue that run instead.",
+                                fp.hash, len(earlier), max(e.step for e in earlier))
+
+    # --- saving -----------------------------------------------------------------------------
+    def _save(self, step: int, reasons: tuple[str, ...], changes: list[dict[str, Any]]) -> bool:
+        assert self._experiment is not None
+        ref = f"{self._experiment.hash}@{step}"
+        try:
+            captured = _state.capture(self.ledger, step=step)
+            tensors = snapshot.take(captured.tensors)
+        except Exception as exc:
+            self._fail(f"checkpoint {ref}", exc)
+            return False
+        created, created_ns = _now()
+        metrics = self._metrics[1] if self._metrics and self._metrics[0] == step else {}
+        request = SaveRequest(
+            experiment=self._experiment, step=step, reasons=reasons, changes=tuple(changes), metrics=metrics,
+            tree=captured.tree, tensors=tensors, run=self._run, resumed_from=self._resumed_from,
+            created=created, created_ns=created_ns, versions=_versions())
+        self._saved.add((self._experiment.hash, step))
+        if self.config.strict:
+            try:
+                self._commit(request)
+            except Exception as exc:
+                raise CheckpointSaveError(f"checkpoint {ref} failed: {type(exc).__name__}: {exc}",
+                                          errors=[exc]) from exc
+        else:
+            self._writer.submit(ref, lambda: self._commit(request))
+        return True
+
+    def _commit(self, request: SaveRequest) -> Manifest:
+        manifest = self.manager.commit(request)
+        log.debug("committed checkpoint %s (%s, %d tensors, %d bytes)", manifest.ref, ", ".join(manifest.reasons),
+                  len(manifest.tensors), manifest.total_bytes)
+        return manifest
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        if self.config.strict:
+            if isinstance(exc, WeightslabError):
+                raise exc
+            raise CheckpointSaveError(f"{what} failed: {type(exc).__name__}: {exc}", errors=[exc]) from exc
+        log.warning("%s failed: %s: %s (training goes on; the error is raised from wait() or close())",
+                    what, type(exc).__name__, exc)
+        self._writer.keep(exc)
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    # --- waiting and closing ----------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every save taken so far is durable; raise the failures kept since last time."""
+        self._writer.wait()
+        self._raise_kept()
+
+    flush = wait
+
+    def _raise_kept(self) -> None:
+        errors = self._writer.take_errors()
+        if errors:
+            detail = "; ".join(f"{type(e).__name__}: {e}" for e in errors[:5])
+            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+            raise CheckpointSaveError(f"{len(errors)} checkpoint save(s) failed: {detail}{more}",
+                                      errors=errors) from errors[0]
+
+    def close(self) -> None:
+        """Take the final checkpoint if due, wait for every save, stop the writer. Idempotent.
+
+        Raises :class:`CheckpointSaveError` if any save failed since the last ``wait()``.
+        """
+        self._close(crashed=False)
+
+    def _close(self, *, crashed: bool) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if not crashed:
+                    self._final_save()
+            finally:
+                self._closed = True
+                self._unsubscribe()
+                for handles in self._handles.values():
+                    for handle in handles:
+                        handle.remove()
+                self._handles.clear()
+                self._detector.remove()
+                atexit.unregister(self._atexit)
+                _forget(self)
+        self._writer.close()
+        self._raise_kept()
+
+    def _final_save(self) -> None:
+        if self._pending is not None and not self._explicit:
+            self._flush_pending()
+        if not self.config.save_on_close or self._last_step is None or self._experiment is None:
+            return
+        if (self._experiment.hash, self._last_step) in self._saved:
+            return
+        if not self._handles_of("optimizer"):
+            log.info("no final checkpoint at close: with no hooked optimizer, weightslab cannot tell whether "
+                     "training moved past step %d, so it would not know which step to label the state with",
+                     self._last_step)
+            return
+        if self._optimizer_ran:
+            log.info("no final checkpoint at close: an optimizer step ran after the last step boundary "
+                     "(step %d), so the state no longer matches that step", self._last_step)
+            return
+        try:
+            self._boundary(self._last_step, metrics=None, forced=("exit",), forced_changes=())
+        except WeightslabError as exc:
+            log.warning("final checkpoint at close failed: %s", exc)
+
+    def _atexit(self) -> None:
+        # An unhandled exception sets sys.last_value before atexit runs: the state may be mid-step.
+        crashed = getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None
+        try:
+            self._close(crashed=crashed)
+        except Exception as exc:  # noqa: BLE001 - nothing can raise to the user at exit; log loudly
+            log.error("weightslab: at exit, %s", exc)
+
+    def __enter__(self) -> "AutomaticCheckpointSystem":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._close(crashed=exc_type is not None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("this checkpoint system is closed; get a new one with wl.get_checkpoint_system()")
+
+    # --- resuming ---------------------------------------------------------------------------
+    def _current_hash(self) -> str | None:
+        models, hparams = self.ledger.objects("model"), self.ledger.objects("hyperparams")
+        if not models and not hparams:
+            return None
+        return self._hasher.fingerprint(models, hparams).hash
+
+    def _candidates(self, ref: str | os.PathLike[str]) -> tuple[list[CheckpointEntry], bool]:
+        parsed = parse_ref(ref)
+        current = self._current_hash() if parsed.latest else None
+        return self.manager.candidates(parsed, current=current), parsed.latest or parsed.step is None
+
+    def peek(self, ref: str | os.PathLike[str] = "latest") -> CheckpointInfo | None:
+        """What :meth:`resume` would restore from ``ref``, without changing anything; None if nothing.
+
+        Use it to build the model a checkpoint needs before registering it (its hyperparameters
+        and architecture are in the result).
+        """
+        with self._lock:
+            self._writer.wait()
+            entries, _ = self._candidates(ref)
+            for entry in entries:
+                try:
+                    manifest = self.manager.read_manifest(entry)
+                except CorruptCheckpointError as exc:
+                    log.warning("skipping damaged checkpoint %s: %s", entry.ref, exc)
+                    continue
+                record = self.manager.read_experiment(manifest.experiment)
+                hparams = codec.decode(manifest.state.get("hyperparams", {}), {})
+                return CheckpointInfo(
+                    ref=manifest.ref, experiment=manifest.experiment, step=manifest.step, reasons=manifest.reasons,
+                    created=manifest.created, metrics=codec.decode(dict(manifest.metrics), {}),
+                    hyperparams=hparams, path=entry.path,
+                    parent=record.parent.ref if record and record.parent else None,
+                    architecture=record.architecture if record else [], nbytes=manifest.total_bytes)
+            return None
+
+    def resume(self, ref: str | os.PathLike[str] = "latest") -> int:
+        """Restore every registered object from ``ref`` (RNG last) and return the step restored.
+
+        ``ref`` is ``"latest"`` (the newest checkpoint of this run's lineage: the experiment the
+        registered objects hash to and every experiment opened from it by a change),
+        ``"<hash>@<step>"``, ``"<hash>@latest"`` or a path. Returns 0 when ``"latest"`` finds
+        nothing. With ``"latest"``, a damaged checkpoint is skipped for the newest one that
+        verifies, with a warning. Raises :class:`ArchitectureMismatchError` listing the
+        differences, before changing anything, when the checkpoint does not fit the registered
+        model.
+        """
+        with self._lock:
+            self._check_open()
+            self._writer.wait()
+            entries, may_fall_back = self._candidates(ref)
+            if not entries:
+                log.info("no checkpoint to resume under %s; starting fresh", self.root)
+                return 0
+            damaged: list[str] = []
+            for entry in entries:
+                try:
+                    manifest = self.manager.read_manifest(entry)
+                    _state.check_compatible(self.ledger, manifest.state, self.manager.tensor_meta(manifest))
+                    tensors = self.manager.load_tensors(manifest)
+                except CorruptCheckpointError as exc:
+                    if not may_fall_back:
+                        raise
+                    damaged.append(f"{entry.ref}: {exc}")
+                    log.warning("checkpoint %s is damaged (%s); falling back to the previous one", entry.ref, exc)
+                    continue
+                break
+            else:
+                raise CorruptCheckpointError("no checkpoint of %s verifies:\n  %s" % (ref, "\n  ".join(damaged)))
+            report = _state.restore(self.ledger, manifest.state, tensors)
+            for what in report.missing:
+                log.warning("resume from %s: %s is registered but not in the checkpoint; left as it is",
+                            manifest.ref, what)
+            for what in report.unused:
+                log.warning("resume from %s: the checkpoint holds %s, which is not registered here; not restored",
+                            manifest.ref, what)
+            self._adopt(manifest)
+            log.info("resumed %s (step %d, %s) from %s", manifest.ref, manifest.step,
+                     ", ".join(report.restored) or "nothing registered", entry.path)
+            return manifest.step
+
+    def _adopt(self, manifest: Manifest) -> None:
+        """Continue in the restored checkpoint's experiment, or branch if the run differs from it."""
+        self._resumed_from = manifest.ref
+        self._last_step = manifest.step
+        self._pending, self._optimizer_ran = None, False
+        self._stepped.clear()
+        self._saved.add((manifest.experiment, manifest.step))
+        models, hparams = self.ledger.objects("model"), self.ledger.objects("hyperparams")
+        fp = self._hasher.fingerprint(models, hparams)
+        self._detector.track(models, hparams)
+        record = self.manager.read_experiment(manifest.experiment)
+        if fp.hash == manifest.experiment and record is not None:
+            self._experiment, self._fingerprint = record, fp
+            return
+        # The registered objects hash differently from the checkpoint (a hyperparameter the
+        # checkpoint could not overwrite, different excluded keys): branch, and record why.
+        lines: list[str] = []
+        if record is not None:
+            lines = diff_architecture(record.architecture, fp.architecture) + \
+                diff_hyperparams(dict(record.hyperparams), fp.hyperparams)
+        self._open_experiment(fp, parent=Parent(manifest.experiment, manifest.step, "resume_with_changes",
+                                                tuple(lines)))
+        log.info("resumed %s with changes -> new experiment %s: %s", manifest.ref, fp.hash,
+                 "; ".join(lines) or "no readable difference")
+        self._save(manifest.step, ("resume_with_changes",), [{"kind": "resume_with_changes", "diff": lines}])
+
+
+# --- the process-wide system ---------------------------------------------------------------------
+_SYSTEM: AutomaticCheckpointSystem | None = None
+_SYSTEM_LOCK = threading.RLock()
+
+
+def _make_config(settings: Mapping[str, Any]) -> CheckpointConfig:
+    try:
+        return CheckpointConfig(**settings)
+    except TypeError as exc:
+        valid = ", ".join(f.name for f in dataclasses.fields(CheckpointConfig))
+        raise ConfigError(f"{exc}; the checkpoint system's settings are: {valid}") from None
+
+
+def _forget(system: AutomaticCheckpointSystem) -> None:
+    global _SYSTEM
+    with _SYSTEM_LOCK:
+        if _SYSTEM is system:
+            _SYSTEM = None
+
+
+def get_checkpoint_system(**settings: Any) -> AutomaticCheckpointSystem:
+    """Create the process-wide checkpoint system, or return the running one.
+
+    Settings are those of :class:`CheckpointConfig`. Called again with settings that differ from
+    the running system's: if that system has not saved anything yet (for instance it was started
+    with defaults by the first ``register_*`` call), it is replaced by one with the new settings;
+    once it has saved, a :class:`ConfigError` names the differences (close it first to change them).
+    """
+    global _SYSTEM
+    if settings.pop("auto_init", True) is not True:
+        raise ConfigError("auto_init=False is not supported: the checkpoint system always reads the registered "
+                          "objects from the ledger; remove the argument")
+    with _SYSTEM_LOCK:
+        current = _SYSTEM
+        if current is None or current.closed:
+            _SYSTEM = AutomaticCheckpointSystem(_make_config(settings))
+            return _SYSTEM
+        if not settings:
+            return current
+        try:
+            wanted = dataclasses.replace(current.config, **settings)
+        except TypeError as exc:
+            valid = ", ".join(f.name for f in dataclasses.fields(CheckpointConfig))
+            raise ConfigError(f"{exc}; the checkpoint system's settings are: {valid}") from None
+        if wanted == current.config:
+            return current
+        differences = ", ".join(f"{f.name}: {getattr(current.config, f.name)!r} -> {getattr(wanted, f.name)!r}"
+                                for f in dataclasses.fields(CheckpointConfig)
+                                if getattr(current.config, f.name) != getattr(wanted, f.name))
+        if current.has_saved:
+            raise ConfigError(f"the checkpoint system is already running and has saved checkpoints, with other "
+                              f"settings ({differences}); call system.close() first to start one with new settings")
+        log.info("reconfiguring the checkpoint system (%s)", differences)
+        current._close(crashed=True)  # nothing saved yet: no final checkpoint to take
+        _SYSTEM = AutomaticCheckpointSystem(wanted)
+        return _SYSTEM
+
+
+def _system() -> AutomaticCheckpointSystem:
+    return get_checkpoint_system()
+
+
+def checkpoint_on_step(step: int, metrics: Mapping[str, Any] | None = None) -> bool:
+    """Mark the end of step ``step`` for the process-wide system (see
+    :meth:`AutomaticCheckpointSystem.checkpoint_on_step`)."""
+    return _system().checkpoint_on_step(step, metrics)
+
+
+def checkpoint_on_model_change() -> bool:
+    """Checkpoint now because the architecture changed."""
+    return _system().checkpoint_on_model_change()
+
+
+def checkpoint_on_config_change() -> bool:
+    """Checkpoint now because the hyperparameters changed."""
+    return _system().checkpoint_on_config_change()
+
+
+def checkpoint_on_state_change(kind: str = "state") -> bool:
+    """Checkpoint now because the model state changed (``'freeze'``, ``'reset'``, ...)."""
+    return _system().checkpoint_on_state_change(kind)
+
+
+def _autostart(event: str, entry: Entry, previous: Entry | None) -> None:
+    """The first registration starts the system with default settings if none runs."""
+    if event == "register":
+        with _SYSTEM_LOCK:
+            if _SYSTEM is None or _SYSTEM.closed:
+                get_checkpoint_system()
+
+
+LEDGER.subscribe(_autostart)

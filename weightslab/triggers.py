@@ -1,0 +1,38 @@
+"""When to save: a pure decision from plain inputs (no torch, no disk, no clock of its own).
+
+At each step boundary the checkpoint system tells the policy the step and what changed; the policy
+answers with the reasons to save now, in a fixed order, the first being the checkpoint's main
+reason. No reasons: no checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+__all__ = ["SavePolicy", "REASONS"]
+
+#: Every reason a checkpoint can carry, in the order they are reported.
+REASONS = ("model_change", "config_change", "resume_with_changes", "state_change", "step", "exit", "manual")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavePolicy:
+    """Save every ``every_steps`` steps (None: never on a schedule) and on every change."""
+
+    every_steps: int | None = 100
+
+    def __post_init__(self) -> None:
+        if self.every_steps is not None and (isinstance(self.every_steps, bool)
+                                             or not isinstance(self.every_steps, int) or self.every_steps < 1):
+            raise ValueError(f"every_steps must be a positive int or None, got {self.every_steps!r}")
+
+    def reasons(self, *, step: int, events: Iterable[str] = ()) -> tuple[str, ...]:
+        """The reasons to save at ``step`` given the ``events`` seen at this boundary."""
+        wanted = set(events)
+        if self.every_steps is not None and step % self.every_steps == 0:
+            wanted.add("step")
+        unknown = wanted - set(REASONS)
+        if unknown:
+            raise ValueError(f"unknown checkpoint reasons {sorted(unknown)}; expected some of {REASONS}")
+        return tuple(r for r in REASONS if r in wanted)

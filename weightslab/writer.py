@@ -1,0 +1,103 @@
+"""The background writer: one thread that makes snapshots durable, in order, off the training loop.
+
+The training thread hands over a job (a snapshot already copied, plus the function that commits
+it) and returns at once, unless ``max_pending`` jobs are already queued or running: then it waits
+for a slot, which bounds the memory that snapshots in flight can take. A job that fails is logged
+and kept; the writer goes on with the next job, and the kept errors are handed to whoever asks
+(``wait()``/``close()`` of the checkpoint system raise them).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Any, Callable
+
+__all__ = ["Writer"]
+
+log = logging.getLogger(__name__)
+
+
+class Writer:
+    def __init__(self, *, max_pending: int = 2, name: str = "weightslab-writer"):
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        self.max_pending = max_pending
+        self._name = name
+        self._cond = threading.Condition()
+        self._jobs: collections.deque[tuple[str, Callable[[], Any]]] = collections.deque()
+        self._running = 0
+        self._errors: list[BaseException] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        with self._cond:
+            return len(self._jobs) + self._running
+
+    def submit(self, label: str, job: Callable[[], Any]) -> None:
+        """Queue ``job``; blocks while ``max_pending`` jobs are already in flight."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the checkpoint writer is closed")
+            while len(self._jobs) + self._running >= self.max_pending:
+                self._cond.wait()
+            self._jobs.append((label, job))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if not self._jobs:  # closed and drained
+                    return
+                label, job = self._jobs.popleft()
+                self._running += 1
+            try:
+                job()
+            except BaseException as exc:  # noqa: BLE001 - kept and re-raised to the user later
+                log.warning("checkpoint %s failed: %s: %s (training goes on; the error is raised from "
+                            "wait() or close())", label, type(exc).__name__, exc)
+                with self._cond:
+                    self._errors.append(exc)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()
+
+    def keep(self, exc: BaseException) -> None:
+        """Keep an error that happened outside the writer (for instance while taking a snapshot)."""
+        with self._cond:
+            self._errors.append(exc)
+
+    def take_errors(self) -> list[BaseException]:
+        """The errors kept since the last call."""
+        with self._cond:
+            errors, self._errors = self._errors, []
+            return errors
+
+    def wait(self) -> None:
+        """Return when every job submitted so far has finished (successfully or not)."""
+        with self._cond:
+            while self._jobs or self._running:
+                self._cond.wait()
+
+    def close(self) -> None:
+        """Finish every queued job, then stop the thread. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
