@@ -23,7 +23,7 @@ from . import hyperparams as _hp
 from .errors import ArchitectureMismatchError, StateError
 from .ledger import Ledger
 
-__all__ = ["Captured", "capture", "restore", "check_compatible", "RestoreReport"]
+__all__ = ["Captured", "capture", "capture_early", "restore", "check_compatible", "RestoreReport"]
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,27 @@ class RestoreReport:
     unused: list[str] = field(default_factory=list)  # in the checkpoint, not registered here
 
 
-def capture(ledger: Ledger, *, step: int) -> Captured:
-    """Collect everything registered into one tree; raises :class:`StateError` naming what failed."""
+def capture_early(ledger: Ledger) -> dict[str, Any]:
+    """The parts of the state that the *next* step consumes before its forward pass: the random
+    generators (its batch, its noise) and the data loaders' positions (its batch).
+
+    An implicit step boundary is found at the optimizer's post-step hook, but the rest of the
+    step (``scheduler.step()``, ``scaler.update()``) is only done at the next forward; these parts
+    are taken at the hook, the rest at that forward.
+    """
+    loaders = {}
+    for name, loader in ledger.objects("dataloader").items():
+        state_dict = getattr(loader, "state_dict", None)
+        loaders[name] = state_dict() if callable(state_dict) else None
+    return {"rng": rng.capture(), "dataloaders": loaders}
+
+
+def capture(ledger: Ledger, *, step: int, early: Mapping[str, Any] | None = None) -> Captured:
+    """Collect everything registered into one tree; raises :class:`StateError` naming what failed.
+
+    ``early`` holds what :func:`capture_early` took at the boundary, if it was taken then.
+    """
+    early = early if early is not None else capture_early(ledger)
     tensors: dict[str, torch.Tensor] = {}
     tree: dict[str, Any] = {"step": step}
 
@@ -63,11 +82,8 @@ def capture(ledger: Ledger, *, step: int) -> Captured:
         name: enc(_hp.to_plain(obj, where=f"hyperparameters {name!r}"), f"hyperparams/{name}",
                   f"hyperparameters {name!r}")
         for name, obj in ledger.objects("hyperparams").items()}
-    tree["dataloaders"] = {}
-    for name, loader in ledger.objects("dataloader").items():
-        state_dict = getattr(loader, "state_dict", None)
-        tree["dataloaders"][name] = (enc(state_dict(), f"dataloaders/{name}", f"dataloader {name!r}")
-                                     if callable(state_dict) else None)
+    tree["dataloaders"] = {name: enc(value, f"dataloaders/{name}", f"dataloader {name!r}") if value is not None
+                           else None for name, value in early["dataloaders"].items()}
     tree["custom"] = {}
     for name, entry in ledger.entries("state").items():
         try:
@@ -75,7 +91,7 @@ def capture(ledger: Ledger, *, step: int) -> Captured:
         except Exception as exc:
             raise StateError(f"the getter of custom state {name!r} raised {type(exc).__name__}: {exc}") from exc
         tree["custom"][name] = enc(value, f"state/{name}", f"custom state {name!r}")
-    tree["rng"] = enc(rng.capture(), "rng", "random generator state")
+    tree["rng"] = enc(early["rng"], "rng", "random generator state")
     return Captured(tree=tree, tensors=tensors)
 
 

@@ -6,10 +6,12 @@ tensors, and hands the copy to the background writer, which commits it through t
 manager. ``resume`` goes the other way: resolve a ref, verify, check fit, restore (RNG last).
 
 Step boundaries come from ``checkpoint_on_step(step)`` calls or, in a loop that never makes them,
-from the registered optimizers: their post-step hook marks a boundary as due once every registered
-optimizer has stepped, and the next forward of a registered model processes it. Waiting for that
-forward means the rest of the step (``scheduler.step()``, ``scaler.update()``) is in the state,
-exactly as it is when the loop calls ``checkpoint_on_step`` itself.
+from the registered optimizers: once every registered optimizer has stepped, their post-step hook
+is the boundary. A save decided there is taken in two parts, so that it holds exactly what a
+``checkpoint_on_step`` call at the end of the loop body would: at the hook, what the next step
+consumes before its forward pass (random generators, loader positions); at the next forward of a
+registered model, everything else, once the rest of the step (``scheduler.step()``,
+``scaler.update()``, the user's own counters) is done and before the forward touches any buffer.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -125,6 +127,16 @@ class CheckpointInfo:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class _Deferred:
+    """An implicit save decided at an optimizer's post-step hook, completed at the next forward."""
+
+    step: int
+    reasons: tuple[str, ...]
+    changes: tuple[dict[str, Any], ...]
+    early: Mapping[str, Any]  # what state.capture_early took at the hook
+
+
 def _now() -> tuple[str, int]:
     ns = time.time_ns()
     iso = _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.timezone.utc).isoformat(timespec="microseconds")
@@ -211,7 +223,7 @@ class AutomaticCheckpointSystem:
         self._saved: set[tuple[str, int]] = set()  # (experiment, step) saved by this run
         self._resumed_from: str | None = None
         self._explicit = False  # the loop calls checkpoint_on_step itself
-        self._pending: int | None = None  # implicit boundary due at the next forward
+        self._deferred: _Deferred | None = None  # an implicit save to complete at the next forward
         self._stepped: set[int] = set()  # optimizers stepped since the last boundary
         self._optimizer_ran = False  # an optimizer step started since the last boundary
         self._handles: dict[tuple[str, str], list[Any]] = {}
@@ -300,25 +312,28 @@ class AutomaticCheckpointSystem:
         if len(self._stepped) < len(self._handles_of("optimizer")):
             return  # wait until every registered optimizer has stepped (GANs step two per iteration)
         self._stepped.clear()
-        if self._pending is not None:
-            self._warn_once("no-forward",
-                            "optimizers stepped twice with no forward of a registered model in between, so the "
-                            "step boundary after step %d was skipped. Implicit checkpoints find step boundaries "
-                            "at the forward of a registered model: register the model you train, or call "
-                            "wl.checkpoint_on_step(step) after each step.", self._pending)
-        self._pending = (self._pending if self._pending is not None else (self._last_step or 0)) + 1
+        with self._lock:
+            if self._deferred is not None:
+                self._warn_once("no-forward",
+                                "the checkpoint of step %d was dropped: the optimizers stepped again before any "
+                                "forward of a registered model, which is where implicit checkpoints are "
+                                "completed. Register the model you train, or call wl.checkpoint_on_step(step) "
+                                "at the end of each step.", self._deferred.step)
+                self._deferred = None
+            self._boundary((self._last_step or 0) + 1, metrics=None, forced=(), forced_changes=(), defer=True)
 
     def _handles_of(self, kind: str) -> list[tuple[str, str]]:
         return [k for k in self._handles if k[0] == kind]
 
     def _on_forward(self, module: Any, args: Any) -> None:
-        if self._pending is not None and not self._explicit and not self._closed:
-            self._flush_pending()
+        if self._deferred is not None and not self._closed:
+            with self._lock:
+                self._complete_deferred()
 
-    def _flush_pending(self) -> None:
-        step, self._pending = self._pending, None
-        if step is not None:
-            self._boundary(step, metrics=None, forced=(), forced_changes=())
+    def _complete_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._save(deferred.step, deferred.reasons, deferred.changes, early=deferred.early)
 
     # --- the public triggers ----------------------------------------------------------------
     def checkpoint_on_step(self, step: int, metrics: Mapping[str, Any] | None = None) -> bool:
@@ -329,9 +344,15 @@ class AutomaticCheckpointSystem:
         step = _validate_step(step)
         metrics = _validate_metrics(metrics)
         with self._lock:
-            self._explicit = True
-            self._pending = None
-            return self._boundary(step, metrics=metrics, forced=(), forced_changes=())
+            first_explicit, self._explicit = not self._explicit, True
+            # An implicit save decided at the optimizer hook of this same step is superseded by this
+            # call (which marks the true end of the step); its reasons carry over.
+            inherited, self._deferred = self._deferred, None
+            forced = tuple(r for r in inherited.reasons if r != "step") if inherited else ()
+            if first_explicit:
+                self._last_step = None  # implicit step counting does not constrain the loop's labels
+            return self._boundary(step, metrics=metrics, forced=forced,
+                                  forced_changes=inherited.changes if inherited else ())
 
     def checkpoint_on_model_change(self) -> bool:
         """Checkpoint now because the architecture changed (detected anyway at the next boundary)."""
@@ -350,16 +371,15 @@ class AutomaticCheckpointSystem:
 
     def _forced(self, event: str, change: dict[str, Any]) -> bool:
         with self._lock:
-            if self._pending is not None and not self._explicit:
-                self._flush_pending()
             step = self._last_step if self._last_step is not None else 0
             return self._boundary(step, metrics=None, forced=(event,), forced_changes=(change,))
 
     # --- the step boundary ------------------------------------------------------------------
     def _boundary(self, step: int, *, metrics: dict[str, Any] | None, forced: tuple[str, ...],
-                  forced_changes: tuple[dict[str, Any], ...]) -> bool:
+                  forced_changes: tuple[dict[str, Any], ...], defer: bool = False) -> bool:
         with self._lock:
             self._check_open()
+            self._complete_deferred()
             self._stepped.clear()
             if self._last_step is not None and step < self._last_step and not forced:
                 self._warn_once("backwards", "the step went backwards (%d after %d); checkpoints are labelled "
@@ -387,6 +407,14 @@ class AutomaticCheckpointSystem:
             reasons = self._policy.reasons(step=step, events=events)
             if not reasons:
                 return False
+            if defer:
+                try:
+                    early = _state.capture_early(self.ledger)
+                except Exception as exc:
+                    self._fail(f"checkpoint {self._experiment.hash}@{step}", exc)
+                    return False
+                self._deferred = _Deferred(step, reasons, tuple(changes), early)
+                return True
             return self._save(step, reasons, changes)
 
     def _refresh(self, step: int) -> tuple[list[str], list[dict[str, Any]], list[StateChange]]:
@@ -452,11 +480,12 @@ class AutomaticCheckpointSystem:
                                 fp.hash, len(earlier), max(e.step for e in earlier))
 
     # --- saving -----------------------------------------------------------------------------
-    def _save(self, step: int, reasons: tuple[str, ...], changes: list[dict[str, Any]]) -> bool:
+    def _save(self, step: int, reasons: tuple[str, ...], changes: Sequence[dict[str, Any]],
+              early: Mapping[str, Any] | None = None) -> bool:
         assert self._experiment is not None
         ref = f"{self._experiment.hash}@{step}"
         try:
-            captured = _state.capture(self.ledger, step=step)
+            captured = _state.capture(self.ledger, step=step, early=early)
             tensors = snapshot.take(captured.tensors)
         except Exception as exc:
             self._fail(f"checkpoint {ref}", exc)
@@ -542,8 +571,7 @@ class AutomaticCheckpointSystem:
         self._raise_kept()
 
     def _final_save(self) -> None:
-        if self._pending is not None and not self._explicit:
-            self._flush_pending()
+        self._complete_deferred()
         if not self.config.save_on_close or self._last_step is None or self._experiment is None:
             return
         if (self._experiment.hash, self._last_step) in self._saved:
@@ -666,7 +694,7 @@ class AutomaticCheckpointSystem:
         """Continue in the restored checkpoint's experiment, or branch if the run differs from it."""
         self._resumed_from = manifest.ref
         self._last_step = manifest.step
-        self._pending, self._optimizer_ran = None, False
+        self._deferred, self._optimizer_ran = None, False
         self._stepped.clear()
         self._saved.add((manifest.experiment, manifest.step))
         models, hparams = self.ledger.objects("model"), self.ledger.objects("hyperparams")

@@ -1,0 +1,96 @@
+"""A small training run for exactness tests: resumes, trains to --steps, writes its final state.
+
+Draws from every random generator (dropout, torch, NumPy, Python), uses Adam, a StepLR scheduler, a
+GradScaler and a custom registered state, so a resume that misses any of them changes the output.
+The final state (parameters, optimizer, scheduler, scaler, custom state, next random draws) is
+written in a canonical byte form so two runs can be compared byte for byte.
+
+--pause-at N: after step N, print READY and block on stdin (the test kills the process there).
+--implicit: never call checkpoint_on_step; rely on the optimizer hook.
+"""
+
+import argparse
+import json
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+import weightslab as wl
+
+parser = argparse.ArgumentParser()
+parser.add_argument("root")
+parser.add_argument("out")
+parser.add_argument("--steps", type=int, default=40)
+parser.add_argument("--frequency", type=int, default=5)
+parser.add_argument("--pause-at", type=int, default=None)
+parser.add_argument("--implicit", action="store_true")
+args = parser.parse_args()
+
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+random.seed(1)
+np.random.seed(2)
+torch.manual_seed(3)
+
+model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 32), nn.Tanh(),
+                      nn.Dropout(0.1), nn.Linear(32, 4))
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.5)
+scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
+counter = {"seen": 0, "history": []}
+
+system = wl.get_checkpoint_system(root_log_dir=args.root, checkpoint_frequency=args.frequency)
+wl.register_model("model", model)
+wl.register_optimizer("optimizer", optimizer)
+wl.register_scheduler("scheduler", scheduler)
+wl.register_scaler("scaler", scaler)
+wl.register_hyperparams("config", {"lr": 1e-2, "hidden": 32, "dropout": [0.2, 0.1]})
+wl.register_state("counter", lambda: counter, lambda s: counter.update(s))
+
+start = system.resume()
+print("START", start, flush=True)
+
+for step in range(start + 1, args.steps + 1):
+    x = torch.randn(16, 8)
+    y = torch.randint(0, 4, (16,))
+    noise = 1.0 + 0.01 * float(np.random.normal()) + 0.01 * random.random()
+    loss = F.cross_entropy(model(x), y) * noise
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    counter["seen"] += 16
+    counter["history"].append(round(loss.item(), 6))
+    if not args.implicit:
+        wl.checkpoint_on_step(step, metrics={"loss": loss.item()})
+    print("STEP", step, flush=True)
+    if step == args.pause_at:
+        system.wait()
+        print("READY", flush=True)
+        sys.stdin.readline()  # the test kills the process while it waits here
+
+system.close()
+
+tensors = {f"model/{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+for pid, s in optimizer.state_dict()["state"].items():
+    for k, v in s.items():
+        tensors[f"optim/{pid}/{k}"] = v.detach().reshape(-1).contiguous()
+tensors["draw/torch"] = torch.rand(8)
+save_file(tensors, args.out + ".safetensors")
+with open(args.out + ".json", "w") as f:
+    json.dump({
+        "param_groups": optimizer.state_dict()["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "counter": counter,
+        "numpy": np.random.rand(4).tolist(),
+        "python": [random.random() for _ in range(4)],
+        "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+    }, f, sort_keys=True)
+print("DONE", start, flush=True)
