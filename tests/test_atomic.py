@@ -199,8 +199,6 @@ def test_make_dirs_under_a_file_raises(tmp_path):
     assert blocker.read_bytes() == b""
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: atomic.make_dirs returns silently when the target itself is an "
-                                       "existing regular file; it should raise an error naming the path")
 def test_make_dirs_on_an_existing_file_raises_naming_it(tmp_path):
     blocker = tmp_path / "objects"
     blocker.write_bytes(b"not a directory")

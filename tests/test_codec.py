@@ -131,9 +131,6 @@ def test_torch_dtypes_devices_paths_and_dates_round_trip():
     assert type(out["time"]) is dt.time and out["time"] == value["time"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: codec.encode tags a datetime/date subclass with its class name "
-                                       "(e.g. 'MyDate'), which decode does not know: a state it accepted cannot "
-                                       "be loaded back")
 def test_date_subclass_round_trips():
     class MyDate(dt.date):
         pass
@@ -168,16 +165,12 @@ def test_numpy_arrays_through_the_safetensors_format():
         assert np.array_equal(out[k], arr, equal_nan=k == "f"), k
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: codec.encode passes arrays through np.ascontiguousarray, which turns "
-                                       "a 0-d array into shape (1,): np.array(3.5) comes back as array([3.5])")
 def test_zero_dim_numpy_array_keeps_its_shape():
     arr = np.array(3.5)
     out, _, _ = roundtrip({"x": arr}, through_bytes=False)
     assert out["x"].shape == () and out["x"].dtype == np.float64 and out["x"] == 3.5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: codec.encode accepts a non-native byte order array (kind 'i'/'f') and "
-                                       "torch.from_numpy raises a bare ValueError that does not name the path")
 def test_big_endian_array_round_trips_or_is_refused_naming_path():
     arr = np.array([1, 2, 300], dtype=">i4")
     try:
@@ -188,8 +181,6 @@ def test_big_endian_array_round_trips_or_is_refused_naming_path():
         assert np.array_equal(out["be"], arr) and out["be"].dtype.kind == "i"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: codec.encode accepts np.longdouble arrays (kind 'f') and torch.from_numpy "
-                                       "raises a bare TypeError that does not name the path")
 def test_longdouble_array_is_refused_naming_path():
     with pytest.raises(StateError) as info:
         encode({"ld": np.ones(2, dtype=np.longdouble)}, path="state", tensors={})

@@ -121,9 +121,6 @@ def test_damaged_bytes_raise_corrupt_naming_path(fingerprint, tmp_path, old, new
     assert info.value.path == path
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: experiment.ExperimentRecord.from_bytes of a damaged record raises "
-                                       "'<path> does not match its digest; it is damaged' with no advice on how to "
-                                       "fix (Manifest.from_bytes adds one; DESIGN: every error says how)")
 def test_damaged_record_message_says_how_to_fix(fingerprint, tmp_path):
     data = make_record(fingerprint).to_bytes().replace(b'"lr": 0.1', b'"lr": 0.2', 1)
     path = tmp_path / "experiment.json"
@@ -154,9 +151,6 @@ def test_newer_format_version_raises_format_version_error(fingerprint):
     assert "/r/experiment.json" in str(info.value) and "upgrade weightslab" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: experiment.ExperimentRecord.from_bytes of a correctly sealed record that "
-                                       "lacks a field raises a bare KeyError('architecture') naming neither the file "
-                                       "nor a fix, instead of CorruptCheckpointError (Manifest.from_bytes does this)")
 def test_sealed_record_missing_a_field_raises_corrupt(fingerprint):
     body = json.loads(make_record(fingerprint).to_bytes())
     del body["architecture"]

@@ -242,9 +242,6 @@ def test_signature_of_namespaces_and_slotted_dataclass():
     assert signature(obj) != s
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: signature() of a slotted dataclass falls back to repr(obj), which "
-                                       "is the address-only object repr when the dataclass has repr=False, "
-                                       "so value changes are never seen")
 def test_signature_of_slotted_dataclass_without_repr():
     @dataclasses.dataclass(slots=True, repr=False)
     class Quiet:
@@ -316,8 +313,6 @@ def test_restore_in_place_read_only_mapping_warns(caplog):
     assert any("'ro'" in r.getMessage() and "read-only" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: restore_in_place on a dataclass/namespace setattr()s dict and list "
-                                       "fields, replacing them instead of updating them in place")
 def test_restore_in_place_keeps_identity_of_dict_and_list_fields_of_a_dataclass():
     @dataclasses.dataclass
     class WithContainers:

@@ -102,21 +102,14 @@ def test_parse_manifest_name_rejects_other_names(name):
     assert Layout.parse_manifest_name(name) is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: layout._MANIFEST_RE ends with '$', which also matches before a "
-                                       "trailing newline, so names ending in '\\n' are accepted")
 def test_manifest_name_with_trailing_newline_is_rejected():
     assert Layout.parse_manifest_name(f"{H}_step_000100.json\n") is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: layout._HASH_RE ends with '$', which also matches before a trailing "
-                                       "newline, so is_experiment_hash(hash + '\\n') is True")
 def test_experiment_hash_with_trailing_newline_is_rejected():
     assert not is_experiment_hash(H + "\n")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: layout.parse_manifest_name accepts step spellings manifest() never "
-                                       "writes (unpadded, over-padded, non-ASCII digits), so two files can list "
-                                       "as the same step")
 @pytest.mark.parametrize("spelling", ["100", "0000100", "\u0661\u0660\u0660"], ids=["unpadded", "overpadded",
                                                                                    "arabic-indic-digits"])
 def test_parse_manifest_name_accepts_only_canonical_step_spelling(root, spelling):
@@ -125,8 +118,6 @@ def test_parse_manifest_name_accepts_only_canonical_step_spelling(root, spelling
     assert parsed is None or Layout(root).manifest(*parsed).name == name
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: layout.manifests lists a non-canonical name such as "
-                                       "'<hash>_step_100.json' beside '<hash>_step_000100.json': step 100 twice")
 def test_manifests_lists_each_step_once(root):
     layout = Layout(root)
     layout.model_dir(H).mkdir(parents=True)

@@ -165,9 +165,6 @@ def test_scheduler_error_says_what_is_missing_and_how_to_fix():
     assert "'lr'" in msg and "state_dict / load_state_dict()" in msg and "register_state" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: register_hyperparams('cfg', 42) raises a RegistrationError from "
-                                       "hyperparams.resolve() that does not name 'cfg' (every other "
-                                       "register_* names the name)")
 def test_wrong_hyperparams_type_names_the_name():
     with pytest.raises(RegistrationError) as info:
         wl.register_hyperparams("cfg", 42)

@@ -236,9 +236,6 @@ def test_close_from_inside_a_job_does_not_deadlock(writers):
         w.submit("late", lambda: None)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Writer.submit does not re-check _closed after waiting for a slot; a "
-                                       "submit blocked while the writer is closed enqueues a job that no thread "
-                                       "will ever run (silently lost; pending stays 1, wait() would hang)")
 def test_submit_blocked_across_close_is_not_lost(writers):
     w = writers(max_pending=1)
     release = threading.Event()

@@ -54,6 +54,9 @@ def make_dirs(directory: Path) -> None:
             except FileExistsError:  # another thread or process made it meanwhile
                 continue
             created.append(d)
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} (or one of its parents) exists but is not a directory; move it "
+                                 "away or choose another root_log_dir")
     for d in created:
         fsync_dir(d.parent)
 

@@ -81,7 +81,7 @@ class _ModelProbe:
         self.training = list(map(_TRAINING, self.modules))
         self.pending_training: list[bool] | None = None  # a switch seen once, not yet confirmed
         self.children = self._children()
-        self.param_ids = {n: id(p) for n, p in named_params}
+        self.param_ids = {n: (id(p), tuple(p.shape), p.dtype) for n, p in named_params}
 
     def _children(self) -> int:
         return sum(map(len, map(_CHILDREN, self.modules)))
@@ -93,13 +93,7 @@ class _ModelProbe:
         changes: list[StateChange] = []
         rg = list(map(_REQUIRES_GRAD, self.params))
         if rg != self.requires_grad:
-            flipped = [(n, now) for n, was, now in zip(self.param_names, self.requires_grad, rg) if was != now]
-            frozen = tuple(n for n, now in flipped if not now)
-            unfrozen = tuple(n for n, now in flipped if now)
-            if frozen:
-                changes.append(StateChange("freeze", name, frozen))
-            if unfrozen:
-                changes.append(StateChange("unfreeze", name, unfrozen))
+            changes += _flips(name, self.param_names, self.requires_grad, rg, "freeze", "unfreeze")
             self.requires_grad = rg
         tr = list(map(_TRAINING, self.modules))
         if tr == self.training:
@@ -108,33 +102,36 @@ class _ModelProbe:
             self.pending_training = tr  # first sighting: wait one boundary for confirmation
         else:
             self.pending_training = None
-            flipped = [(n, now) for n, was, now in zip(self.module_names, self.training, tr) if was != now]
-            to_eval = tuple(n for n, now in flipped if not now)
-            to_train = tuple(n for n, now in flipped if now)
-            if to_eval:
-                changes.append(StateChange("eval", name, to_eval))
-            if to_train:
-                changes.append(StateChange("train", name, to_train))
+            changes += _flips(name, self.module_names, self.training, tr, "eval", "train")
             self.training = tr
         return changes
 
     def diff_against(self, old: "_ModelProbe", name: str) -> list[StateChange]:
         """State changes between an old baseline and this one, matched by name (after a structure change)."""
-        changes: list[StateChange] = []
         old_rg = dict(zip(old.param_names, old.requires_grad))
-        new_rg = dict(zip(self.param_names, self.requires_grad))
-        frozen = tuple(n for n, v in new_rg.items() if n in old_rg and old_rg[n] and not v)
-        unfrozen = tuple(n for n, v in new_rg.items() if n in old_rg and not old_rg[n] and v)
+        kept = [(n, old_rg[n], v) for n, v in zip(self.param_names, self.requires_grad) if n in old_rg]
+        changes = _flips(name, *_columns(kept), "freeze", "unfreeze")
         old_tr = dict(zip(old.module_names, old.training))
-        new_tr = dict(zip(self.module_names, self.training))
-        to_eval = tuple(n for n, v in new_tr.items() if n in old_tr and old_tr[n] and not v)
-        to_train = tuple(n for n, v in new_tr.items() if n in old_tr and not old_tr[n] and v)
-        replaced = tuple(n for n, i in self.param_ids.items() if n in old.param_ids and old.param_ids[n] != i)
-        for kind, names in (("freeze", frozen), ("unfreeze", unfrozen), ("eval", to_eval),
-                            ("train", to_train), ("reset", replaced)):
-            if names:
-                changes.append(StateChange(kind, name, names))
+        kept = [(n, old_tr[n], v) for n, v in zip(self.module_names, self.training) if n in old_tr]
+        changes += _flips(name, *_columns(kept), "eval", "train")
+        # A new parameter object of the same shape and dtype is a re-initialisation; a different
+        # shape is an architecture change, reported by the fingerprint instead.
+        replaced = tuple(n for n, (i, shape, dtype) in self.param_ids.items() if n in old.param_ids
+                         and old.param_ids[n][0] != i and old.param_ids[n][1:] == (shape, dtype))
+        if replaced:
+            changes.append(StateChange("reset", name, replaced))
         return changes
+
+
+def _columns(rows: list[tuple[str, bool, bool]]) -> tuple[list[str], list[bool], list[bool]]:
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def _flips(model: str, names: list[str], before: list[bool], after: list[bool], off: str, on: str) -> list[StateChange]:
+    """Changes for the flags that went from True to False (``off``) and from False to True (``on``)."""
+    went_off = tuple(n for n, b, a in zip(names, before, after) if b and not a)
+    went_on = tuple(n for n, b, a in zip(names, before, after) if a and not b)
+    return [StateChange(kind, model, found) for kind, found in ((off, went_off), (on, went_on)) if found]
 
 
 class ChangeDetector:

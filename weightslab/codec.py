@@ -52,7 +52,15 @@ def encode(value: Any, *, path: str, tensors: MutableMapping[str, torch.Tensor],
             raise StateError(
                 f"cannot save {what}: the numpy array at '{path}' has dtype {value.dtype}, which has no "
                 "safe binary form; convert it to a numeric array or to a list of plain values")
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        if not value.dtype.isnative:  # big-endian data: store the same values in native byte order
+            value = value.astype(value.dtype.newbyteorder("="))
+        if not value.flags.c_contiguous:
+            value = np.ascontiguousarray(value).reshape(value.shape)  # (keeps 0-d arrays 0-d)
+        try:
+            tensor = torch.from_numpy(value)
+        except (TypeError, ValueError) as exc:
+            raise StateError(f"cannot save {what}: the numpy array at '{path}' has dtype {value.dtype}, which "
+                             f"torch cannot hold ({exc}); convert it, for instance with .astype(np.float64)") from None
         return {TAG: "ndarray", "key": _add(tensors, path, tensor, what)}
     if isinstance(value, np.generic):
         return encode(value.item(), path=path, tensors=tensors, what=what)
@@ -78,7 +86,9 @@ def encode(value: Any, *, path: str, tensors: MutableMapping[str, torch.Tensor],
     if isinstance(value, PurePath):
         return {TAG: "path", "value": str(value)}
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):  # YAML reads timestamps as these
-        return {TAG: type(value).__name__, "iso": value.isoformat()}
+        # Subclasses (pandas.Timestamp, ...) are stored as the standard type they extend.
+        kind = next(k for k in ("datetime", "date", "time") if isinstance(value, _DATES[k]))
+        return {TAG: kind, "iso": _DATES[kind].isoformat(value)}
     raise StateError(
         f"cannot save {what}: the value at '{path}' is a {type(value).__module__}.{type(value).__qualname__}, "
         "which can only be stored by pickling it, and weightslab never pickles. Return plain data "

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .errors import CorruptCheckpointError, FormatVersionError
 from .fingerprint import Fingerprint
 from .manifest import FORMAT_VERSION, seal, unseal
 
@@ -84,15 +85,26 @@ class ExperimentRecord:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, path: Path | str) -> "ExperimentRecord":
-        body = unseal(data, path=path, kind=KIND)
-        parent = body.get("parent")
-        return cls(hash=body["experiment"], created=body["created"],
-                   architecture_digest=body["architecture_digest"],
-                   hyperparams_digest=body["hyperparams_digest"],
-                   architecture=body["architecture"], hyperparams=body["hyperparams"],
-                   excluded_keys=tuple(body.get("excluded_keys", ())),
-                   parent=Parent.from_json(parent) if parent else None,
-                   versions=body.get("versions", {}))
+        advice = ("The experiment's checkpoints are unaffected (each manifest verifies on its own); only "
+                  "its lineage record is lost. Restore the file from a backup, or delete it to let the "
+                  "next run of this experiment write a new one without a parent.")
+        try:
+            body = unseal(data, path=path, kind=KIND)
+            parent = body.get("parent")
+            return cls(hash=str(body["experiment"]), created=str(body["created"]),
+                       architecture_digest=str(body["architecture_digest"]),
+                       hyperparams_digest=str(body["hyperparams_digest"]),
+                       architecture=list(body["architecture"]), hyperparams=dict(body["hyperparams"]),
+                       excluded_keys=tuple(body.get("excluded_keys", ())),
+                       parent=Parent.from_json(parent) if parent else None,
+                       versions=dict(body.get("versions", {})))
+        except FormatVersionError:
+            raise
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"experiment record {exc}. {advice}", path=path) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"experiment record {path} is missing a field or has a bad value "
+                                         f"({type(exc).__name__}: {exc}). {advice}", path=path) from None
 
 
 def descendants(root: str, parents: Mapping[str, str | None]) -> set[str]:

@@ -56,20 +56,20 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def resolve(obj: Any) -> tuple[Any, Path | None]:
+def resolve(obj: Any, *, name: str = "main") -> tuple[Any, Path | None]:
     """The live object to track for ``obj``, and the YAML file it came from (if any)."""
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj).expanduser().absolute()
         return load_yaml(path), path
     if isinstance(obj, type):
-        raise RegistrationError(f"register_hyperparams got the class {obj.__name__}; pass an instance, "
-                                f"for instance {obj.__name__}()")
+        raise RegistrationError(f"register_hyperparams({name!r}, ...) got the class {obj.__name__}; pass an "
+                                f"instance, for instance {obj.__name__}()")
     if isinstance(obj, Mapping) or dataclasses.is_dataclass(obj) or isinstance(
             obj, (argparse.Namespace, types.SimpleNamespace)):
         return obj, None
     raise RegistrationError(
-        f"register_hyperparams got a {type(obj).__name__}; pass a dict, a dataclass instance, an "
-        "argparse.Namespace, or the path of a YAML file")
+        f"register_hyperparams({name!r}, ...) got a {type(obj).__name__}; pass a dict, a dataclass instance, "
+        "an argparse.Namespace, or the path of a YAML file")
 
 
 def _fields(obj: Any) -> Mapping[str, Any]:
@@ -127,10 +127,8 @@ def signature(obj: Any) -> str:
     """
     if isinstance(obj, Mapping):
         return repr(obj)
-    try:
-        return repr(vars(obj))
-    except TypeError:  # slotted dataclass
-        return repr(obj)
+    # The fields' values, not repr(obj): a dataclass may hide fields from its repr (repr=False).
+    return repr(_fields(obj))
 
 
 def restore_in_place(obj: Any, values: Mapping[str, Any], *, name: str) -> None:
@@ -150,6 +148,12 @@ def restore_in_place(obj: Any, values: Mapping[str, Any], *, name: str) -> None:
         if isinstance(value, Mapping) and current is not None and not isinstance(current, Mapping) \
                 and (dataclasses.is_dataclass(current) or hasattr(current, "__dict__")):
             restore_in_place(current, value, name=f"{name}.{key}")
+            continue
+        if isinstance(current, MutableMapping) and isinstance(value, Mapping):
+            _update_mapping(current, value)  # keep the identity of containers the script holds
+            continue
+        if isinstance(current, list) and isinstance(value, list):
+            current[:] = value
             continue
         if isinstance(current, enum.Enum) and not isinstance(value, enum.Enum):
             value = type(current)(value)

@@ -27,13 +27,13 @@ from typing import Iterator
 __all__ = ["Layout", "HASH_LENGTH", "is_experiment_hash"]
 
 HASH_LENGTH = 16
-_HASH_RE = re.compile(r"^[0-9a-f]{16}$")
-_MANIFEST_RE = re.compile(r"^([0-9a-f]{16})_step_(\d+)\.json$")
+_HASH_RE = re.compile(r"[0-9a-f]{16}")
+_MANIFEST_RE = re.compile(r"([0-9a-f]{16})_step_([0-9]{6,})\.json")
 PACK_SUFFIX = ".safetensors"
 
 
 def is_experiment_hash(text: str) -> bool:
-    return bool(_HASH_RE.match(text))
+    return bool(_HASH_RE.fullmatch(text))
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,10 @@ class Layout:
     @staticmethod
     def parse_manifest_name(name: str) -> tuple[str, int] | None:
         """``'<hash>_step_000100.json'`` -> ``('<hash>', 100)``; anything else -> None."""
-        m = _MANIFEST_RE.match(name)
-        return (m.group(1), int(m.group(2))) if m else None
+        m = _MANIFEST_RE.fullmatch(name)
+        if not m or m.group(2) != f"{int(m.group(2)):06d}":  # only the spelling manifest() writes
+            return None
+        return m.group(1), int(m.group(2))
 
     def experiments(self) -> list[str]:
         """Hashes of the experiment directories of this root, sorted."""

@@ -180,12 +180,15 @@ def _require(kind: str, name: str, obj: Any, methods: Iterable[str], hint: str) 
                                 f"{' / '.join(missing)}(); {hint}")
 
 
+def _require_type(kind: str, name: str, obj: Any, cls: type, display: str) -> None:
+    if not isinstance(obj, cls):
+        raise RegistrationError(f"cannot register {type(obj).__name__} as {kind} {name!r}: it must be a {display}")
+
+
 def register_model(name: Any = None, model: Any = None) -> Any:
     """Register a ``torch.nn.Module`` (``register_model(model)`` uses the name ``"main"``)."""
     name, model = _split("model", name, model)
-    if not isinstance(model, torch.nn.Module):
-        raise RegistrationError(f"cannot register {type(model).__name__} as model {name!r}: a model "
-                                "must be a torch.nn.Module")
+    _require_type("model", name, model, torch.nn.Module, "torch.nn.Module")
     LEDGER.register(Entry("model", name, model))
     return model
 
@@ -193,9 +196,7 @@ def register_model(name: Any = None, model: Any = None) -> Any:
 def register_optimizer(name: Any = None, optimizer: Any = None) -> Any:
     """Register a ``torch.optim.Optimizer``; a post-step hook then finds the step boundaries."""
     name, optimizer = _split("optimizer", name, optimizer)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise RegistrationError(f"cannot register {type(optimizer).__name__} as optimizer {name!r}: "
-                                "it must be a torch.optim.Optimizer")
+    _require_type("optimizer", name, optimizer, torch.optim.Optimizer, "torch.optim.Optimizer")
     LEDGER.register(Entry("optimizer", name, optimizer))
     return optimizer
 
@@ -224,7 +225,7 @@ def register_hyperparams(name: Any = None, hyperparams: Any = None) -> Any:
     in place during training and the change is detected at the next step boundary.
     """
     name, hyperparams = _split("hyperparams", name, hyperparams)
-    live, source = _hp.resolve(hyperparams)
+    live, source = _hp.resolve(hyperparams, name=name)
     _hp.to_plain(live, where=f"hyperparameters {name!r}" if source is None else str(source))
     LEDGER.register(Entry("hyperparams", name, live, source=source))
     return live

@@ -145,13 +145,17 @@ class Manifest:
                 state=body.get("state", {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"manifest {path} is missing a field or has a bad value ({exc})",
-                                         path=path) from None
+            raise CorruptCheckpointError(
+                f"manifest {path} is missing a field or has a bad value ({type(exc).__name__}: {exc}); it was "
+                "not written by this version of weightslab or it was edited. Resume an earlier checkpoint.",
+                path=path) from None
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError:
-            raise CheckpointNotFoundError(f"no checkpoint manifest at {path}") from None
+            raise CheckpointNotFoundError(
+                f"no checkpoint manifest at {path}; it may have been deleted. Resume 'latest', or list the "
+                f"committed checkpoints of the experiment in {Path(path).parent}") from None
         return cls.from_bytes(data, path=path)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["Ref", "parse_ref"]
 
-_REF_RE = re.compile(r"^(?P<exp>[0-9a-f]{4,16})(?:@(?P<step>\d+|latest))?$")
+_REF_RE = re.compile(r"(?P<exp>[0-9a-f]{4,16})(?:@(?P<step>[0-9]+|latest))?")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def parse_ref(ref: str | os.PathLike[str]) -> Ref:
         raise ValueError(f"a checkpoint ref must be a non-empty string or a path, got {ref!r}")
     if ref == "latest":
         return Ref(text=ref, latest=True)
-    m = _REF_RE.match(ref)
+    m = _REF_RE.fullmatch(ref)
     if m and not os.path.exists(ref):
         step = m.group("step")
         return Ref(text=ref, experiment=m.group("exp"),

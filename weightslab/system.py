@@ -270,16 +270,19 @@ class AutomaticCheckpointSystem:
 
     # --- ledger events and hooks ------------------------------------------------------------
     def _on_ledger(self, event: str, entry: Entry, previous: Entry | None) -> None:
-        if self._closed:
-            return
-        if previous is not None:
-            self._detach(previous)
-        if event == "register":
-            self._attach(entry)
-        else:
-            self._detach(entry)
-        if entry.kind in ("model", "hyperparams"):
-            self._detector.invalidate()
+        # Called outside the ledger's lock, so taking ours cannot deadlock with a boundary (which
+        # holds ours and then reads the ledger).
+        with self._lock:
+            if self._closed:
+                return
+            if previous is not None:
+                self._detach(previous)
+            if event == "register":
+                self._attach(entry)
+            else:
+                self._detach(entry)
+            if entry.kind in ("model", "hyperparams"):
+                self._detector.invalidate()
 
     def _attach(self, entry: Entry) -> None:
         key = (entry.kind, entry.name)
@@ -308,11 +311,11 @@ class AutomaticCheckpointSystem:
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._explicit or self._closed:
             return
-        self._stepped.add(id(optimizer))
-        if len(self._stepped) < len(self._handles_of("optimizer")):
-            return  # wait until every registered optimizer has stepped (GANs step two per iteration)
-        self._stepped.clear()
         with self._lock:
+            self._stepped.add(id(optimizer))
+            if len(self._stepped) < len(self._handles_of("optimizer")):
+                return  # wait until every registered optimizer has stepped (GANs step two per iteration)
+            self._stepped.clear()
             if self._deferred is not None:
                 self._warn_once("no-forward",
                                 "the checkpoint of step %d was dropped: the optimizers stepped again before any "
@@ -388,14 +391,21 @@ class AutomaticCheckpointSystem:
                 self._metrics = (step, metrics)
             events: list[str] = list(forced)
             changes: list[dict[str, Any]] = list(forced_changes)
-            poll = self._detector.poll()
-            state_changes: list[StateChange] = list(poll.state)
-            if self._experiment is None or poll.structure or poll.hyperparams or \
-                    {"model_change", "config_change"} & set(forced):
-                ev, ch, st = self._refresh(step)
-                events += [e for e in ev if e not in events]
-                changes += ch
-                state_changes += st
+            state_changes: list[StateChange] = []
+            try:
+                poll = self._detector.poll()
+                state_changes += poll.state
+                if self._experiment is None or poll.structure or poll.hyperparams or \
+                        {"model_change", "config_change"} & set(forced):
+                    ev, ch, st = self._refresh(step)
+                    events += [e for e in ev if e not in events]
+                    changes += ch
+                    state_changes += st
+            except Exception as exc:  # never let change detection stop training
+                self._fail(f"change detection at step {step}", exc)
+            if self._experiment is None:  # no fingerprint could be taken: nothing to file a save under
+                self._last_step = step
+                return False
             if state_changes:
                 if "state_change" not in events:
                     events.append("state_change")
@@ -457,7 +467,12 @@ class AutomaticCheckpointSystem:
         return events, changes, state_changes
 
     def _open_experiment(self, fp: Fingerprint, *, parent: Parent | None) -> None:
-        existing = self.manager.read_experiment(fp.hash) if self.manager.layout.experiment_record(fp.hash).exists() else None
+        try:
+            existing = self.manager.read_experiment(fp.hash)
+        except WeightslabError as exc:
+            self._warn_once(f"record:{fp.hash}", "the record of experiment %s cannot be read (%s); its lineage "
+                            "information is lost, checkpoints still go to its directory", fp.hash, exc)
+            existing = None
         if existing is not None:
             record = existing
             if parent is not None:
@@ -585,10 +600,7 @@ class AutomaticCheckpointSystem:
             log.info("no final checkpoint at close: an optimizer step ran after the last step boundary "
                      "(step %d), so the state no longer matches that step", self._last_step)
             return
-        try:
-            self._boundary(self._last_step, metrics=None, forced=("exit",), forced_changes=())
-        except WeightslabError as exc:
-            log.warning("final checkpoint at close failed: %s", exc)
+        self._boundary(self._last_step, metrics=None, forced=("exit",), forced_changes=())
 
     def _atexit(self) -> None:
         # An unhandled exception sets sys.last_value before atexit runs: the state may be mid-step.

@@ -45,6 +45,8 @@ class Writer:
                 raise RuntimeError("the checkpoint writer is closed")
             while len(self._jobs) + self._running >= self.max_pending:
                 self._cond.wait()
+                if self._closed:  # closed while we waited: nobody would ever run this job
+                    raise RuntimeError("the checkpoint writer was closed while this save waited for a slot")
             self._jobs.append((label, job))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
