@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import threading
-from pathlib import Path
 
 import pytest
 import torch

@@ -95,10 +95,6 @@ class Ledger:
                     f"wl.register_{kind}({name!r}, ...)")
             return entry
 
-    def find(self, kind: str, name: str = DEFAULT_NAME) -> Entry | None:
-        with self._lock:
-            return self._entries[kind].get(name)
-
     def unregister(self, name: str = DEFAULT_NAME, *, kind: str | None = None) -> list[Entry]:
         if kind is not None and kind not in KINDS:
             raise RegistrationError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")

@@ -8,7 +8,6 @@ and bytes; what the tensors mean is the state layer's business.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -255,9 +254,3 @@ class CheckpointManager:
     @staticmethod
     def tensor_meta(manifest: Manifest) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return {k: (tag_dtype(e.dtype), e.shape) for k, e in manifest.tensors.items()}
-
-    def describe(self, manifest: Manifest) -> dict[str, Any]:
-        """A JSON-ready summary of a checkpoint (for logs and tools)."""
-        return {"ref": manifest.ref, "step": manifest.step, "reasons": list(manifest.reasons),
-                "created": manifest.created, "metrics": json.loads(json.dumps(manifest.metrics)),
-                "tensors": len(manifest.tensors), "bytes": manifest.total_bytes}
