@@ -132,7 +132,7 @@ def test_manifest_properties():
 def test_manifest_document_shape():
     m = make_manifest()
     doc = json.loads(m.to_bytes())
-    assert doc["format_version"] == FORMAT_VERSION == 1
+    assert doc["format_version"] == FORMAT_VERSION == 2
     assert doc["kind"] == KIND == "weightslab.checkpoint"
     assert doc["digest"].startswith("sha256:") and len(doc["digest"]) == 7 + 64
     assert doc["tensors"]["/models/main/w"] == {"dtype": "F32", "shape": [3, 4], **ref(1).to_json()}
@@ -218,7 +218,7 @@ def test_every_character_flip_is_caught():
         except ValueError:
             doc = None
         assert doc != original, f"flip at {i} changed nothing"
-        expected = FormatVersionError if doc is not None and doc.get("format_version") != 1 and \
+        expected = FormatVersionError if doc is not None and doc.get("format_version") not in (1, 2) and \
             doc.get("kind") == KIND else CorruptCheckpointError
         with pytest.raises(expected):
             Manifest.from_bytes(bytes(damaged), path="m.json")
@@ -237,13 +237,13 @@ def test_wrong_format_version_raises_format_version_error(tmp_path):
     body = json.loads(m.to_bytes())
     # control: re-sealing the unchanged body gives a readable manifest
     assert Manifest.from_bytes(seal(body)) == m
-    body["format_version"] = 2
+    body["format_version"] = 3
     path = tmp_path / "newer.json"
     path.write_bytes(seal(body))  # digest correct, so only the version check can fire
     with pytest.raises(FormatVersionError) as info:
         Manifest.read(path)
     msg = str(info.value)
-    assert str(path) in msg and "format_version 2" in msg and "reads version 1" in msg
+    assert str(path) in msg and "format_version 3" in msg and "reads versions 1, 2" in msg
     assert "upgrade weightslab" in msg
     assert isinstance(info.value, ValueError) and not isinstance(info.value, CorruptCheckpointError)
 

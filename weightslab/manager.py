@@ -8,6 +8,7 @@ and bytes; what the tensors mean is the state layer's business.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from .experiment import ExperimentRecord, descendants
 from .layout import Layout, is_experiment_hash
 from .manifest import Manifest, TensorEntry
 from .refs import Ref, parse_ref
-from .snapshot import dtype_tag, empty_like_entry, raw_bytes, tag_dtype
-from .store import Blob, BlobStore
+from .snapshot import Snapshot, dtype_tag, empty_like_entry, raw_bytes, tag_dtype
+from .store import Blob, BlobRef, BlobStore
 
 __all__ = ["CheckpointManager", "CheckpointEntry", "SaveRequest"]
 
@@ -41,7 +42,7 @@ class SaveRequest:
     changes: tuple[Mapping[str, Any], ...]
     metrics: Mapping[str, Any]
     tree: Mapping[str, Any]
-    tensors: Mapping[str, torch.Tensor]  # private copies: contiguous CPU tensors
+    snapshot: Snapshot  # private copies of what changed, stored blobs of what did not
     run: str
     resumed_from: str | None
     created: str
@@ -67,6 +68,17 @@ class CheckpointEntry:
         return f"{self.experiment}@{self.step}"
 
 
+def _relocated(ref: BlobRef, moved: Mapping[str, BlobRef]) -> BlobRef:
+    """``ref`` with the blobs of its chain that garbage collection moved pointed at their new place."""
+    if ref.digest in moved:
+        return moved[ref.digest]
+    if ref.base is not None:
+        base = _relocated(ref.base, moved)
+        if base is not ref.base:
+            return dataclasses.replace(ref, base=base)
+    return ref
+
+
 def _yamlable(value: Any) -> Any:
     """Plain hyperparameter values in the types ``yaml.safe_dump`` writes."""
     if isinstance(value, dict):
@@ -79,11 +91,25 @@ def _yamlable(value: Any) -> Any:
 
 
 class CheckpointManager:
-    """Structured checkpoint storage under one root (``<root>/checkpoints``, ``<root>/objects``)."""
+    """Structured checkpoint storage under one root (``<root>/checkpoints``, ``<root>/objects``).
 
-    def __init__(self, root: str | os.PathLike[str]):
+    ``compression="zstd"`` stores changed tensors byte-shuffled and zstd-compressed when that
+    saves space; ``delta=True`` stores them as XOR deltas against their previous version (kept in
+    host memory), with a self-contained copy every ``reanchor_interval`` versions so that a
+    restore never decodes a long chain. Both are lossless: restores are bit-identical.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, compression: str = "off", delta: bool = False,
+                 reanchor_interval: int = 10, level: int = 1):
+        if delta and compression != "zstd":
+            raise ValueError("delta=True stores XOR deltas compressed with zstd; set compression='zstd' too")
+        if reanchor_interval < 1:
+            raise ValueError(f"reanchor_interval must be >= 1, got {reanchor_interval}")
         self.layout = Layout(Path(root))
-        self.store = BlobStore(self.layout)
+        self.store = BlobStore(self.layout, compression=compression, level=level)
+        self.delta = delta
+        self.reanchor_interval = reanchor_interval
+        self._previous: dict[str, tuple[BlobRef, torch.Tensor]] = {}  # key -> last stored version (delta)
         self._written_experiments: set[str] = set()
         swept = sweep_temp_files(self.layout.temp_dirs())
         if swept:
@@ -112,16 +138,48 @@ class CheckpointManager:
             atomic_write(self.layout.experiment_record(h), record.to_bytes())
         self._written_experiments.add(h)
 
-    def commit(self, request: SaveRequest) -> Manifest:
-        """Make one checkpoint durable: tensor pack first, then the manifest (the commit point)."""
+    def commit(self, request: SaveRequest) -> tuple[Manifest, dict[str, BlobRef]]:
+        """Make one checkpoint durable: the pack of what changed first, then the manifest (the
+        commit point). Returns the manifest and where each tensor is stored."""
         self.write_experiment(request.experiment)
-        keys = list(request.tensors)
-        blobs = []
-        for key in keys:
-            t = request.tensors[key]
-            blobs.append(Blob(data=raw_bytes(t), dtype=dtype_tag(t.dtype, key=key), shape=tuple(t.shape)))
-        refs = self.store.put(blobs)
-        manifest = Manifest(
+        snap = request.snapshot
+        keys = list(snap.copies)
+        blobs = [Blob(data=raw_bytes(t), dtype=dtype_tag(t.dtype, key=k), shape=tuple(t.shape),
+                      itemsize=t.element_size(), base=self._delta_base(k, t))
+                 for k, t in snap.copies.items()]
+        # Shared lock: garbage collection cannot delete a blob between our choice to reuse it and
+        # the commit of the manifest that references it.
+        with self.store.lock(exclusive=False):
+            moved = self.store.revalidate(snap.reused.values())
+            refs = dict(zip(keys, self.store.put(blobs)))
+            for key, ref in snap.reused.items():
+                refs[key] = _relocated(ref, moved)
+            manifest = self._manifest(request, refs)
+            atomic_write(self.layout.manifest(manifest.experiment, manifest.step), manifest.to_bytes())
+        if self.delta:
+            for key in keys:
+                self._previous[key] = (refs[key], snap.copies[key])
+        return manifest, refs
+
+    def _delta_base(self, key: str, tensor: torch.Tensor) -> tuple[BlobRef, memoryview] | None:
+        previous = self._previous.get(key) if self.delta else None
+        if previous is None:
+            return None
+        ref, old = previous
+        if old.dtype != tensor.dtype or old.shape != tensor.shape or ref.depth + 1 >= self.reanchor_interval:
+            return None  # a new anchor: restores never decode more than reanchor_interval blobs
+        return ref, raw_bytes(old)
+
+    def remember(self, tensors: Mapping[str, torch.Tensor], refs: Mapping[str, BlobRef]) -> None:
+        """Delta bases after a resume: the loaded tensors are the stored versions ``refs``."""
+        if self.delta:
+            for key, ref in refs.items():
+                if key in tensors:
+                    self._previous[key] = (ref, tensors[key])
+
+    def _manifest(self, request: SaveRequest, refs: Mapping[str, BlobRef]) -> Manifest:
+        meta = request.snapshot.meta
+        return Manifest(
             experiment=request.experiment.hash,
             step=request.step,
             created=request.created,
@@ -132,11 +190,10 @@ class CheckpointManager:
             run=request.run,
             resumed_from=request.resumed_from,
             versions=request.versions,
-            tensors={k: TensorEntry(dtype=b.dtype, shape=b.shape, blob=r) for k, b, r in zip(keys, blobs, refs)},
+            tensors={k: TensorEntry(dtype=dtype_tag(dtype, key=k), shape=shape, blob=refs[k])
+                     for k, (dtype, shape) in meta.items()},
             state=request.tree,
         )
-        atomic_write(self.layout.manifest(manifest.experiment, manifest.step), manifest.to_bytes())
-        return manifest
 
     # --- finding ----------------------------------------------------------------------------
     def experiments(self) -> list[str]:
@@ -246,10 +303,22 @@ class CheckpointManager:
 
     def load_tensors(self, manifest: Manifest) -> dict[str, torch.Tensor]:
         """Every tensor of the checkpoint, each byte checked against its digest."""
-        tensors = {k: empty_like_entry(e.dtype, e.shape) for k, e in manifest.tensors.items()}
-        self.store.read_into(((e.blob, raw_bytes(tensors[k])) for k, e in manifest.tensors.items()),
-                             checkpoint=manifest.ref)
-        return tensors
+        tensors: dict[str, torch.Tensor] = {}
+        first: dict[tuple[str, str, tuple[int, ...]], str] = {}  # tied weights, repeated buffers: read once
+        aliases: list[tuple[str, str]] = []
+        reads = []
+        for key, entry in manifest.tensors.items():
+            ident = (entry.blob.digest, entry.dtype, entry.shape)
+            if ident in first:
+                aliases.append((key, first[ident]))
+                continue
+            first[ident] = key
+            tensors[key] = empty_like_entry(entry.dtype, entry.shape)
+            reads.append((entry.blob, raw_bytes(tensors[key])))
+        self.store.read_into(reads, checkpoint=manifest.ref)
+        for key, source in aliases:
+            tensors[key] = tensors[source].clone()
+        return dict((k, tensors[k]) for k in manifest.tensors)
 
     @staticmethod
     def tensor_meta(manifest: Manifest) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

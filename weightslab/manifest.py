@@ -17,9 +17,12 @@ from typing import Any, Mapping
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
 from .store import BlobRef
 
-__all__ = ["FORMAT_VERSION", "Manifest", "TensorEntry", "canonical_json", "seal", "unseal"]
+__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "Manifest", "TensorEntry", "canonical_json", "seal", "unseal"]
 
-FORMAT_VERSION = 1
+#: Version 2 added encoded blobs (zstd, XOR deltas with a nested ``base``) to tensor entries;
+#: version 1 documents (the foundation's) read unchanged.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KIND = "weightslab.checkpoint"
 
 
@@ -49,10 +52,10 @@ def unseal(data: bytes, *, path: Path | str, kind: str) -> dict[str, Any]:
     if not isinstance(body, dict) or body.get("kind") != kind:
         raise CorruptCheckpointError(f"{path} is not a {kind} document", path=path)
     version = body.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise FormatVersionError(
-            f"{path} has format_version {version!r}, but this weightslab reads version "
-            f"{FORMAT_VERSION}; upgrade weightslab to read it")
+            f"{path} has format_version {version!r}, but this weightslab reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade weightslab (pip install -U weightslab) to read it")
     recorded = body.pop("digest", None)
     if recorded != _digest(body):
         raise CorruptCheckpointError(f"{path} does not match its digest; it is damaged", path=path)

@@ -1,19 +1,39 @@
-"""A consistent copy of the tensors of a checkpoint, taken on the training thread.
+"""A consistent copy of the tensors of a checkpoint, taken on the training thread, of what changed.
 
 Training goes on mutating its tensors the moment a save returns, so the background writer must
-work on a copy. The copy lands in fresh, contiguous CPU tensors (one per distinct tensor: tied
-weights and other aliases are copied once), which also gives the writer the raw little-endian
-bytes it hashes and writes without further copies.
+work on a copy. Copying (and later hashing) every tensor at every save is the cost that makes
+checkpoints expensive, and most of it is wasted on tensors that did not change: frozen layers,
+buffers, the optimizer state of frozen parameters. The :class:`Snapshotter` remembers, for each
+tensor it stored, a cheap signal of its identity and content -- the same live tensor object, its
+version counter (which every in-place operation bumps), its data pointer and layout -- and the blob
+the writer stored it in. When the signal still holds, the new checkpoint reuses that blob and
+nothing is copied, hashed or written.
+
+The signal is never trusted blindly. Writes through ``tensor.data`` or a numpy view do not bump
+the version counter, so every reused tensor is also checked against a sample of its bytes taken
+when it was stored, and every ``full_check_every``-th save copies and hashes everything: a tensor
+that changed behind its version counter is then caught, reported once, and copied at every save
+from then on.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
-from typing import Mapping
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-__all__ = ["DTYPE_TAGS", "dtype_tag", "tag_dtype", "take", "raw_bytes", "empty_like_entry"]
+if TYPE_CHECKING:
+    from .store import BlobRef
+
+__all__ = ["DTYPE_TAGS", "dtype_tag", "tag_dtype", "take", "raw_bytes", "empty_like_entry",
+           "Snapshot", "Snapshotter", "Signal"]
+
+log = logging.getLogger(__name__)
 
 if sys.byteorder != "little":  # safetensors and our packs are little-endian
     raise ImportError("weightslab stores tensors little-endian and does not support big-endian machines")
@@ -73,3 +93,115 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
 def empty_like_entry(dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """A CPU tensor to read a stored blob into."""
     return torch.empty(shape, dtype=tag_dtype(dtype))
+
+
+_SAMPLE = 16  # elements compared per reused tensor
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """A few elements spread over the tensor, as CPU bytes (compared bitwise, so NaN == NaN)."""
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    if n > _SAMPLE:  # a strided view: no gather kernel needed, works for every dtype
+        flat = flat[:: n // _SAMPLE][:_SAMPLE]
+    return flat.to("cpu", copy=True).contiguous().view(torch.uint8)
+
+
+@dataclass
+class Signal:
+    """What was known about one tensor when it was copied."""
+
+    tensor: weakref.ref
+    version: int
+    layout: tuple
+    sample: torch.Tensor
+
+    @classmethod
+    def of(cls, live: torch.Tensor, copy: torch.Tensor) -> "Signal":
+        return cls(weakref.ref(live), live._version, _layout(live), _sample(copy))
+
+    def holds_for(self, live: torch.Tensor) -> bool:
+        return (self.tensor() is live and live._version == self.version and _layout(live) == self.layout
+                and torch.equal(_sample(live), self.sample))
+
+
+@dataclass
+class Snapshot:
+    """One checkpoint's tensors: fresh copies of what changed, stored blobs of what did not."""
+
+    copies: dict[str, torch.Tensor] = field(default_factory=dict)
+    reused: dict[str, "BlobRef"] = field(default_factory=dict)
+    signals: dict[str, Signal] = field(default_factory=dict)  # for the copies
+    expected: dict[str, str] = field(default_factory=dict)  # key -> digest the signal vouched for
+    meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)  # every key
+
+    @property
+    def copied_bytes(self) -> int:
+        return sum(t.nbytes for t in self.copies.values())
+
+
+class Snapshotter:
+    """Takes snapshots on the training thread; learns from the writer which blob holds what."""
+
+    def __init__(self, *, full_check_every: int = 10):
+        if full_check_every < 0:
+            raise ValueError(f"full_check_every must be >= 0 (0: never), got {full_check_every}")
+        self.full_check_every = full_check_every
+        self._lock = threading.Lock()
+        self._known: dict[str, tuple[Signal, "BlobRef"]] = {}
+        self._distrusted: set[str] = set()
+        self._count = 0
+
+    def take(self, tensors: Mapping[str, torch.Tensor]) -> Snapshot:
+        """Copy what changed since it was last stored; reuse the stored blob of the rest."""
+        self._count += 1
+        full = self.full_check_every > 0 and self._count % self.full_check_every == 0
+        snap = Snapshot()
+        to_copy: dict[str, torch.Tensor] = {}
+        with self._lock:
+            known = dict(self._known)
+            distrusted = set(self._distrusted)
+        for key, tensor in tensors.items():
+            snap.meta[key] = (tensor.dtype, tuple(tensor.shape))
+            entry = known.get(key) if key not in distrusted else None
+            if entry is not None and entry[0].holds_for(tensor):
+                if not full:
+                    snap.reused[key] = entry[1]
+                    continue
+                snap.expected[key] = entry[1].digest  # a full check: copy anyway, compare digests later
+            to_copy[key] = tensor
+        snap.copies = take(to_copy)
+        snap.signals = {k: Signal.of(to_copy[k], snap.copies[k]) for k in to_copy}
+        return snap
+
+    def committed(self, snap: Snapshot, refs: Mapping[str, "BlobRef"]) -> None:
+        """The writer stored ``snap``: remember where each copied tensor went."""
+        with self._lock:
+            for key, ref in refs.items():
+                expected = snap.expected.get(key)
+                if expected is not None and expected != ref.digest and key not in self._distrusted:
+                    self._distrusted.add(key)
+                    log.warning("tensor %r changed without its version counter moving (written through .data or "
+                                "a numpy view?); weightslab copies it at every save from now on", key)
+                if key in snap.signals:
+                    self._known[key] = (snap.signals[key], ref)
+            for key, ref in snap.reused.items():
+                if key in self._known:
+                    self._known[key] = (self._known[key][0], ref)
+
+    def seed(self, tensors: Mapping[str, torch.Tensor], refs: Mapping[str, "BlobRef"]) -> None:
+        """After a resume: the live tensors now hold exactly these stored blobs."""
+        with self._lock:
+            for key, ref in refs.items():
+                live = tensors.get(key)
+                if live is not None:
+                    self._known[key] = (Signal.of(live, live.detach()), ref)
+
+    def forget(self) -> None:
+        """Forget every stored blob (after a failed save, whose blobs may not exist)."""
+        with self._lock:
+            self._known.clear()

@@ -71,7 +71,9 @@ def capture(ledger: Ledger, *, step: int, early: Mapping[str, Any] | None = None
     for name, model in ledger.objects("model").items():
         what = f"model {name!r}"
         tree["models"][name] = {
-            "state_dict": enc(dict(model.state_dict()), f"models/{name}", what),
+            # keep_vars: the live parameters and buffers themselves, whose identity and version
+            # counters tell the snapshotter which ones changed since the last save.
+            "state_dict": enc(dict(model.state_dict(keep_vars=True)), f"models/{name}", what),
             "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
             "eval": [n for n, m in model.named_modules() if not m.training],
         }

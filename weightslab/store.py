@@ -1,67 +1,142 @@
 """Content-addressed blob storage: bytes in, verified bytes out.
 
-The store knows bytes, not torch. A save hands it the raw bytes of its tensors; the store names
-each by its digest, packs the blobs of one save into a single file (one file and one fsync round
-per checkpoint, however many tensors), and returns where each landed. Reading checks every byte
-against its digest.
+The store knows bytes, not torch. A save hands it the raw bytes of the tensors that changed; the
+store names each blob by the SHA-256 of its raw bytes, skips the ones it already holds (anywhere
+in the root, written by any experiment or process), encodes the rest as asked (raw, zstd, or an
+XOR delta against the previous version of the same tensor), and packs them into a single file:
+one file and one fsync round per checkpoint, however many tensors. Reading checks every byte
+against the raw digest, after decoding, so a damaged pack, a wrong delta base or a stale location
+can never return wrong data.
 
-A pack is a valid safetensors file whose tensor names are the blobs' digests, so any safetensors
-tool can open it::
+A pack is a valid safetensors file whose tensor names are the blobs' raw digests, so any
+safetensors tool can open it (raw blobs as their real dtype and shape, encoded ones as bytes)::
 
     <u64 little-endian header length> <JSON header, space padded to 8 bytes> <blob bytes ...>
 
-The pack's own name is the digest of its header, which lists the digests and offsets of its
-blobs: two saves with identical content produce the same pack, written once.
+The pack's name is the digest of its header. Locations recorded in manifests are hints: garbage
+collection may move live blobs into a new pack, and a reader whose hint fails finds the blob
+again by digest in the :class:`BlobIndex`, built from the pack headers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import os
 import struct
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
-from .atomic import atomic_write, make_dirs
+from . import encoding as _encoding
+from .atomic import atomic_write, fsync_dir, make_dirs
 from .errors import CorruptCheckpointError
-from .layout import Layout
+from .layout import PACK_SUFFIX, Layout
 
-__all__ = ["Blob", "BlobRef", "BlobStore", "DIGEST_ALGORITHM"]
+try:  # POSIX advisory locks; elsewhere garbage collection relies on its grace period alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Blob", "BlobRef", "BlobStore", "BlobIndex", "DIGEST_ALGORITHM", "PackInfo"]
+
+log = logging.getLogger(__name__)
 
 DIGEST_ALGORITHM = "sha256"
 _HASHERS: Mapping[str, Callable[[], Any]] = {"sha256": hashlib.sha256}
 PACK_FORMAT = "weightslab.pack"
-PACK_FORMAT_VERSION = "1"
+PACK_FORMAT_VERSION = "2"
+#: Compressed blobs that do not get at least this much smaller are stored raw (cheaper to read).
+_MIN_SAVING = 0.95
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
 
 @dataclass(frozen=True)
 class Blob:
-    """Bytes to store, with the dtype tag and shape written into the pack header."""
+    """The raw bytes of one tensor to store, with what the pack header and the encoder need."""
 
     data: BytesLike
     dtype: str  # a safetensors dtype name ("F32", "BF16", ...); opaque to the store
     shape: tuple[int, ...]
+    itemsize: int = 1
+    base: "tuple[BlobRef, BytesLike] | None" = None  # previous version (ref, raw bytes) for a delta
 
 
 @dataclass(frozen=True)
 class BlobRef:
-    """Where one blob lives and how to check it."""
+    """Where one blob lives, how it is encoded, and the digest of its raw bytes."""
 
-    digest: str  # "<algorithm>:<hex>"
-    pack: str  # pack id: hex digest of the pack header
-    offset: int  # absolute offset of the first byte in the pack file
-    nbytes: int
+    digest: str  # "<algorithm>:<hex>" of the RAW bytes
+    pack: str  # pack id (a hint: the blob may have moved; the digest finds it again)
+    offset: int  # absolute offset of the stored bytes in the pack file
+    nbytes: int  # stored bytes
+    encoding: str = "raw"
+    raw_nbytes: int | None = None  # decoded size, when encoded
+    itemsize: int = 1  # element size, for the byte shuffle of encoded blobs
+    base: "BlobRef | None" = None  # the blob an XOR delta applies to
+
+    @property
+    def size(self) -> int:
+        """Raw (decoded) size in bytes."""
+        return self.nbytes if self.raw_nbytes is None else self.raw_nbytes
+
+    @property
+    def depth(self) -> int:
+        """Number of deltas between this blob and a self-contained one."""
+        return 0 if self.base is None else 1 + self.base.depth
+
+    def chain(self) -> Iterator["BlobRef"]:
+        """This blob and every base it needs, nearest first."""
+        ref: BlobRef | None = self
+        while ref is not None:
+            yield ref
+            ref = ref.base
 
     def to_json(self) -> dict[str, Any]:
-        return {"digest": self.digest, "pack": self.pack, "offset": self.offset, "nbytes": self.nbytes}
+        data: dict[str, Any] = {"digest": self.digest, "pack": self.pack, "offset": self.offset, "nbytes": self.nbytes}
+        if self.encoding != "raw":
+            data.update(encoding=self.encoding, raw_nbytes=self.size, itemsize=self.itemsize)
+        if self.base is not None:
+            data["base"] = self.base.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "BlobRef":
-        return cls(digest=str(data["digest"]), pack=str(data["pack"]),
-                   offset=int(data["offset"]), nbytes=int(data["nbytes"]))
+        base = data.get("base")
+        encoding = str(data.get("encoding", "raw"))
+        if encoding not in _encoding.ENCODINGS:
+            raise ValueError(f"unknown blob encoding {encoding!r}")
+        return cls(digest=str(data["digest"]), pack=str(data["pack"]), offset=int(data["offset"]),
+                   nbytes=int(data["nbytes"]), encoding=encoding,
+                   raw_nbytes=int(data["raw_nbytes"]) if "raw_nbytes" in data else None,
+                   itemsize=int(data.get("itemsize", 1)), base=cls.from_json(base) if base else None)
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    pack: str
+    path: Path
+    size: int
+    mtime: float
+    blobs: tuple[BlobRef, ...]  # base refs hold only the base digest (resolve through the index)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One blob as it goes into a pack: its stored (maybe encoded) bytes and what decodes them."""
+
+    digest: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: BytesLike
+    encoding: str
+    raw_nbytes: int
+    itemsize: int
+    base: "BlobRef | None"
 
 
 def _digest(data: BytesLike, algorithm: str = DIGEST_ALGORITHM) -> str:
@@ -76,107 +151,414 @@ def _as_bytes_view(data: BytesLike) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-class BlobStore:
-    """The ``objects/`` directory of one root."""
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+def read_pack_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a pack and the offset where its data starts."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CorruptCheckpointError(f"pack {path} is truncated (no header)", path=path)
+        (length,) = struct.unpack("<Q", head)
+        if length > 100 * 2**20:
+            raise CorruptCheckpointError(f"pack {path} has an implausible header length {length}", path=path)
+        raw = f.read(length)
+    if len(raw) != length:
+        raise CorruptCheckpointError(f"pack {path} is truncated inside its header", path=path)
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise CorruptCheckpointError(f"pack {path} has a damaged header", path=path) from None
+    return header, 8 + length
+
+
+def _pack_blobs(pack_id: str, header: Mapping[str, Any], data_start: int) -> list[BlobRef]:
+    meta = header.get("__metadata__", {}) or {}
+    algorithm = meta.get("digest", DIGEST_ALGORITHM)
+    encoded = json.loads(meta.get("encodings", "{}"))
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        extra = encoded.get(name)
+        base = None
+        if extra and extra.get("base"):
+            base = BlobRef(digest=extra["base"], pack="", offset=-1, nbytes=-1)  # located via the index
+        out.append(BlobRef(digest=f"{algorithm}:{name}", pack=pack_id, offset=data_start + begin, nbytes=end - begin,
+                           encoding=extra["encoding"] if extra else "raw",
+                           raw_nbytes=int(extra["raw_nbytes"]) if extra else None,
+                           itemsize=int(extra.get("itemsize", 1)) if extra else 1, base=base))
+    return out
+
+
+class BlobIndex:
+    """Digest -> a location of that blob, built lazily from the pack headers of a root.
+
+    Other processes may add packs at any time and garbage collection may move blobs, so a miss
+    or a stale entry is answered by rescanning; the index only has to be right about what it
+    returns, and every read verifies that anyway.
+    """
 
     def __init__(self, layout: Layout):
         self.layout = layout
+        self._lock = threading.Lock()
+        self._by_digest: dict[str, BlobRef] = {}
+        self._scanned: set[str] = set()  # pack ids whose headers are in the index
+        self._loaded = False
+
+    def _scan(self) -> None:
+        seen = set()
+        for info in self.packs():
+            seen.add(info.pack)
+            if info.pack in self._scanned:
+                continue
+            for ref in info.blobs:
+                self._by_digest.setdefault(ref.digest, ref)
+            self._scanned.add(info.pack)
+        gone = self._scanned - seen
+        if gone:
+            self._by_digest = {d: r for d, r in self._by_digest.items() if r.pack not in gone}
+            self._scanned -= gone
+        self._loaded = True
+
+    def packs(self) -> list[PackInfo]:
+        """Every pack of the root, headers read; damaged packs are skipped with a warning."""
+        found = []
+        try:
+            fanouts = [e for e in os.scandir(self.layout.objects_dir) if e.is_dir()]
+        except FileNotFoundError:
+            return []
+        for fan in fanouts:
+            for entry in os.scandir(fan.path):
+                if not entry.name.endswith(PACK_SUFFIX) or entry.name.startswith("."):
+                    continue
+                pack_id = fan.name + entry.name[: -len(PACK_SUFFIX)]
+                path = Path(entry.path)
+                try:
+                    st = entry.stat()
+                    header, start = read_pack_header(path)
+                    blobs = tuple(_pack_blobs(pack_id, header, start))
+                except FileNotFoundError:
+                    continue
+                except (CorruptCheckpointError, KeyError, TypeError, ValueError) as exc:
+                    log.warning("skipping unreadable pack %s: %s", path, exc)
+                    continue
+                found.append(PackInfo(pack_id, path, st.st_size, st.st_mtime, blobs))
+        return found
+
+    def lookup(self, digest: str, *, rescan: bool = True) -> BlobRef | None:
+        """A location of the blob, with the locations of its delta bases filled in; None if the
+        root does not hold it (or holds it without one of its bases)."""
+        with self._lock:
+            return self._lookup(digest, rescan, depth=0)
+
+    def _lookup(self, digest: str, rescan: bool, depth: int) -> BlobRef | None:
+        if not self._loaded:
+            self._scan()
+        ref = self._by_digest.get(digest)
+        if ref is not None and not self.layout.pack(ref.pack).exists():
+            ref = None
+        if ref is None and rescan:
+            self._scan()
+            ref = self._by_digest.get(digest)
+        if ref is None or ref.base is None or ref.base.offset >= 0:
+            return ref
+        if depth > 1000:  # a cycle of bases cannot be written, but never loop on a damaged root
+            return None
+        base = self._lookup(ref.base.digest, rescan, depth + 1)
+        return replace(ref, base=base) if base is not None else None
+
+    def add(self, refs: Iterable[BlobRef]) -> None:
+        with self._lock:
+            for ref in refs:
+                self._by_digest.setdefault(ref.digest, ref)
+                self._scanned.add(ref.pack)
+
+    def forget_pack(self, pack_id: str) -> None:
+        with self._lock:
+            self._by_digest = {d: r for d, r in self._by_digest.items() if r.pack != pack_id}
+            self._scanned.discard(pack_id)
+
+
+class BlobStore:
+    """The ``objects/`` directory of one root.
+
+    ``compression`` is ``"off"`` or ``"zstd"`` (byte shuffle + zstandard, an optional extra); blobs
+    given a ``base`` are stored as XOR deltas against it when compression is on.
+    """
+
+    def __init__(self, layout: Layout, *, compression: str = "off", level: int = 1):
+        if compression not in ("off", "zstd"):
+            raise ValueError(f"compression must be 'off' or 'zstd', got {compression!r}")
+        if compression == "zstd":
+            _encoding.zstandard_module()  # fail now, with the extra to install, not at the first save
+        self.layout = layout
+        self.compression = compression
+        self.level = level
+        self.index = BlobIndex(layout)
+
+    # --- locking ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, *, exclusive: bool) -> Iterator[None]:
+        """Writers hold the lock shared while they commit; garbage collection holds it exclusively,
+        so it never deletes a blob a commit in progress is about to reference."""
+        if fcntl is None:
+            yield
+            return
+        make_dirs(self.layout.objects_dir)
+        fd = os.open(self.layout.objects_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # --- writing ----------------------------------------------------------------------------
-    def put(self, blobs: Sequence[Blob]) -> list[BlobRef]:
-        """Store ``blobs`` in one pack (durably) and return a ref per blob, in order.
+    def put(self, blobs: Sequence[Blob], *, dedupe: bool = True) -> list[BlobRef]:
+        """Store ``blobs`` (durably) and return a ref per blob, in order.
 
-        Identical blobs (tied weights, repeated buffers) are stored once.
+        Blobs whose raw digest the root already holds cost nothing; the others go into one new
+        pack. Identical blobs within the call are stored once.
         """
         views = [_as_bytes_view(b.data) for b in blobs]
         digests = [_digest(v) for v in views]
-        header: dict[str, Any] = {}
-        order: list[int] = []  # index of the first blob holding each unique digest
-        position = 0
-        relative: dict[str, tuple[int, int]] = {}
-        for i, (blob, digest) in enumerate(zip(blobs, digests)):
-            if digest in relative:
+        refs: dict[str, BlobRef] = {}
+        new: dict[str, _Stored] = {}
+        for blob, view, digest in zip(blobs, views, digests):
+            if digest in refs or digest in new:
                 continue
-            n = views[i].nbytes
-            relative[digest] = (position, position + n)
-            header[digest.split(":", 1)[1]] = {
-                "dtype": blob.dtype, "shape": list(blob.shape), "data_offsets": [position, position + n]}
+            existing = self.index.lookup(digest, rescan=False) if dedupe else None
+            if existing is not None:
+                refs[digest] = existing
+            else:
+                new[digest] = self._encode(digest, blob, view)
+        if new:
+            refs.update(self._write_pack(list(new.values())))
+        return [refs[d] for d in digests]
+
+    def _encode(self, digest: str, blob: Blob, view: memoryview) -> _Stored:
+        def stored(data: BytesLike, encoding: str, base: BlobRef | None = None) -> _Stored:
+            return _Stored(digest, blob.dtype, blob.shape, data, encoding, view.nbytes, blob.itemsize, base)
+
+        if self.compression == "off" or view.nbytes == 0:
+            return stored(view, "raw")
+        if blob.base is not None:
+            base_ref, base_bytes = blob.base
+            data = _encoding.encode(view, itemsize=blob.itemsize, encoding="xor-zstd", base=base_bytes,
+                                    level=self.level)
+            if len(data) < view.nbytes * _MIN_SAVING:
+                return stored(data, "xor-zstd", base_ref)
+        data = _encoding.encode(view, itemsize=blob.itemsize, encoding="zstd", level=self.level)
+        if len(data) < view.nbytes * _MIN_SAVING:
+            return stored(data, "zstd")
+        return stored(view, "raw")
+
+    def _write_pack(self, new: list[_Stored]) -> dict[str, BlobRef]:
+        header: dict[str, Any] = {}
+        encodings: dict[str, Any] = {}
+        position = 0
+        for item in new:
+            n = memoryview(item.data).nbytes
+            name = _hex(item.digest)
+            if item.encoding == "raw":
+                header[name] = {"dtype": item.dtype, "shape": list(item.shape), "data_offsets": [position, position + n]}
+            else:  # encoded bytes open as a uint8 vector; their meaning is in the metadata
+                header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [position, position + n]}
+                encodings[name] = {"encoding": item.encoding, "raw_nbytes": item.raw_nbytes, "itemsize": item.itemsize,
+                                   "base": item.base.digest if item.base else None, "dtype": item.dtype,
+                                   "shape": list(item.shape)}
             position += n
-            order.append(i)
-        header["__metadata__"] = {"format": PACK_FORMAT, "format_version": PACK_FORMAT_VERSION,
-                                  "digest": DIGEST_ALGORITHM}
+        metadata = {"format": PACK_FORMAT, "format_version": PACK_FORMAT_VERSION, "digest": DIGEST_ALGORITHM}
+        if encodings:
+            metadata["encodings"] = json.dumps(encodings, sort_keys=True, separators=(",", ":"))
+        header["__metadata__"] = metadata
         header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
         header_bytes += b" " * (-len(header_bytes) % 8)  # safetensors aligns data to 8 bytes
         pack_id = hashlib.sha256(header_bytes).hexdigest()
         data_start = 8 + len(header_bytes)
-
         path = self.layout.pack(pack_id)
         if not path.exists():
             make_dirs(path.parent)
             chunks: list[BytesLike] = [struct.pack("<Q", len(header_bytes)), header_bytes]
-            chunks.extend(views[i] for i in order)
+            chunks.extend(item.data for item in new)
             atomic_write(path, chunks)
-        return [BlobRef(digest=d, pack=pack_id, offset=data_start + relative[d][0],
-                        nbytes=relative[d][1] - relative[d][0]) for d in digests]
+        refs = {}
+        for item in new:
+            refs[item.digest] = BlobRef(
+                digest=item.digest, pack=pack_id, offset=data_start + header[_hex(item.digest)]["data_offsets"][0],
+                nbytes=memoryview(item.data).nbytes, encoding=item.encoding,
+                raw_nbytes=item.raw_nbytes if item.encoding != "raw" else None,
+                itemsize=item.itemsize if item.encoding != "raw" else 1, base=item.base)
+        self.index.add(refs.values())
+        return refs
+
+    def revalidate(self, refs: Iterable[BlobRef]) -> dict[str, BlobRef]:
+        """Check that blobs chosen for reuse still exist; return updated locations for moved ones.
+
+        Raises :class:`CorruptCheckpointError` for a blob that no pack holds any more.
+        """
+        moved: dict[str, BlobRef] = {}
+        checked: dict[str, bool] = {}
+        for ref in refs:
+            for link in ref.chain():
+                if link.pack not in checked:
+                    checked[link.pack] = self.layout.pack(link.pack).exists()
+                if not checked[link.pack] and link.digest not in moved:
+                    found = self.index.lookup(link.digest)
+                    if found is None:
+                        raise CorruptCheckpointError(
+                            f"blob {link.digest} is gone from the store (pack {link.pack} was deleted and no "
+                            "other pack holds it); the next checkpoint will store it again", path=self.layout.pack(link.pack))
+                    moved[link.digest] = found
+        return moved
 
     # --- reading ----------------------------------------------------------------------------
     def pack_path(self, ref: BlobRef) -> Path:
         return self.layout.pack(ref.pack)
 
-    def read_into(self, items: Iterable[tuple[BlobRef, BytesLike]], *, checkpoint: str | None = None) -> None:
-        """Fill each writable buffer with its blob's bytes and check them against the digest.
-
-        Raises :class:`CorruptCheckpointError` naming the pack file (and ``checkpoint``, when
-        given) if a pack is missing, truncated or does not match its digest.
-        """
-        by_pack: dict[str, list[tuple[BlobRef, memoryview]]] = {}
-        for ref, out in items:
-            by_pack.setdefault(ref.pack, []).append((ref, _as_bytes_view(out)))
-        for pack_id, entries in by_pack.items():
-            path = self.layout.pack(pack_id)
-            try:
-                f = open(path, "rb", buffering=0)
-            except FileNotFoundError:
-                raise CorruptCheckpointError(
-                    f"pack {path} is missing{_of(checkpoint)}; the checkpoint cannot be restored. "
-                    "Resume an earlier checkpoint, or run wl.verify() to list every damaged one.",
-                    path=path, checkpoint=checkpoint) from None
-            with f:
-                for ref, view in entries:
-                    if view.nbytes != ref.nbytes:
-                        raise ValueError(f"buffer of {view.nbytes} bytes for a blob of {ref.nbytes} bytes")
-                    f.seek(ref.offset)
-                    got = 0
-                    while got < ref.nbytes:
-                        n = f.readinto(view[got:])
-                        if not n:
-                            break
-                        got += n
-                    if got != ref.nbytes:
-                        raise CorruptCheckpointError(
-                            f"pack {path} is truncated{_of(checkpoint)}: expected {ref.nbytes} bytes at "
-                            f"offset {ref.offset}, found {got}. Resume an earlier checkpoint.",
-                            path=path, checkpoint=checkpoint)
-                    algorithm = ref.digest.split(":", 1)[0]
-                    if algorithm not in _HASHERS:
-                        raise CorruptCheckpointError(
-                            f"unknown digest algorithm {algorithm!r} for a blob in {path}{_of(checkpoint)}; "
-                            "upgrade weightslab", path=path, checkpoint=checkpoint)
-                    if _digest(view, algorithm) != ref.digest:
-                        raise CorruptCheckpointError(
-                            f"pack {path} is corrupt{_of(checkpoint)}: the {ref.nbytes} bytes at offset "
-                            f"{ref.offset} do not match their digest {ref.digest}. Resume an earlier "
-                            "checkpoint, or run wl.verify() to list every damaged one.",
-                            path=path, checkpoint=checkpoint)
-
-    def read(self, ref: BlobRef, *, checkpoint: str | None = None) -> bytearray:
-        out = bytearray(ref.nbytes)
-        self.read_into([(ref, out)], checkpoint=checkpoint)
-        return out
-
     def exists(self, ref: BlobRef) -> bool:
         return self.layout.pack(ref.pack).exists()
 
+    def read_into(self, items: Iterable[tuple[BlobRef, BytesLike]], *, checkpoint: str | None = None) -> None:
+        """Fill each writable buffer with its blob's raw bytes, verified against the raw digest.
 
-def _of(checkpoint: str | None) -> str:
-    return f" (checkpoint {checkpoint})" if checkpoint else ""
+        A location that fails (pack missing, bytes not matching) is looked up again by digest;
+        if no location yields the right bytes, :class:`CorruptCheckpointError` names the pack
+        file of the recorded location (and ``checkpoint``, when given).
+        """
+        with _PackFiles(self.layout) as files:
+            for ref, out in items:
+                view = _as_bytes_view(out)
+                if view.nbytes != ref.size:
+                    raise ValueError(f"buffer of {view.nbytes} bytes for a blob of {ref.size} bytes")
+                self._read_verified(ref, view, files, checkpoint)
+
+    def read(self, ref: BlobRef, *, checkpoint: str | None = None) -> bytearray:
+        out = bytearray(ref.size)
+        self.read_into([(ref, out)], checkpoint=checkpoint)
+        return out
+
+    def _read_verified(self, ref: BlobRef, out: memoryview, files: "_PackFiles", checkpoint: str | None) -> None:
+        try:
+            self._read_at(ref, out, files)
+            return
+        except CorruptCheckpointError as first:
+            found = self.index.lookup(ref.digest)
+            if found is None or (found.pack, found.offset) == (ref.pack, ref.offset):
+                raise _named(first, checkpoint) from None
+            try:
+                self._read_at(found, out, files)
+            except CorruptCheckpointError:
+                raise _named(first, checkpoint) from None
+
+    def _read_at(self, ref: BlobRef, out: memoryview, files: "_PackFiles") -> None:
+        path = self.layout.pack(ref.pack)
+        if ref.encoding == "raw":
+            files.read(path, ref.offset, out)
+        else:
+            stored = bytearray(ref.nbytes)
+            files.read(path, ref.offset, memoryview(stored))
+            base = None
+            if ref.base is not None:
+                base_ref = ref.base if ref.base.offset >= 0 else self.index.lookup(ref.base.digest)
+                if base_ref is None:
+                    raise CorruptCheckpointError(f"the delta base {ref.base.digest} of a blob in {path} is missing "
+                                                 "from the store", path=path)
+                base = bytearray(base_ref.size)
+                self._read_verified(base_ref, memoryview(base), files, None)
+            try:
+                _encoding.decode(stored, itemsize=ref.itemsize, encoding=ref.encoding, raw_nbytes=ref.size,
+                                 base=base, out=out)
+            except ValueError as exc:
+                raise CorruptCheckpointError(f"pack {path} holds a damaged {ref.encoding} blob at offset "
+                                             f"{ref.offset} ({exc})", path=path) from None
+        algorithm = ref.digest.split(":", 1)[0]
+        if algorithm not in _HASHERS:
+            raise CorruptCheckpointError(f"unknown digest algorithm {algorithm!r} for a blob in {path}; "
+                                         "upgrade weightslab", path=path)
+        if _digest(out, algorithm) != ref.digest:
+            raise CorruptCheckpointError(f"pack {path} is corrupt: the blob at offset {ref.offset} does not "
+                                         f"match its digest {ref.digest}", path=path)
+
+    # --- maintenance ------------------------------------------------------------------------
+    def packs(self) -> list[PackInfo]:
+        return self.index.packs()
+
+    def delete_pack(self, info: PackInfo) -> None:
+        try:
+            info.path.unlink()
+        except FileNotFoundError:
+            pass
+        fsync_dir(info.path.parent)
+        self.index.forget_pack(info.pack)
+
+    def repack(self, info: PackInfo, keep: set[str]) -> str | None:
+        """Copy the blobs of ``info`` whose digest is in ``keep`` (as stored, no re-encoding) into a
+        new pack, then delete the old one. Returns the new pack id (None if nothing was kept)."""
+        kept = [b for b in info.blobs if b.digest in keep]
+        if not kept:
+            self.delete_pack(info)
+            return None
+        header, _ = read_pack_header(info.path)
+        meta = json.loads((header.get("__metadata__") or {}).get("encodings", "{}"))
+        new = []
+        with _PackFiles(self.layout) as files:
+            for ref in kept:
+                data = bytearray(ref.nbytes)
+                files.read(info.path, ref.offset, memoryview(data))
+                name = _hex(ref.digest)
+                extra = meta.get(name) or {}
+                if ref.encoding == "raw" and _digest(data) != ref.digest:
+                    raise CorruptCheckpointError(f"pack {info.path} is corrupt; not repacking it", path=info.path)
+                new.append(_Stored(ref.digest, extra.get("dtype", header[name]["dtype"]),
+                                   tuple(extra.get("shape", header[name]["shape"])), data, ref.encoding, ref.size,
+                                   ref.itemsize, ref.base))
+        refs = self._write_pack(new)
+        new_pack = next(iter(refs.values())).pack
+        if new_pack != info.pack:
+            self.delete_pack(info)
+        return new_pack
+
+
+def _named(exc: CorruptCheckpointError, checkpoint: str | None) -> CorruptCheckpointError:
+    if not checkpoint:
+        return exc
+    return CorruptCheckpointError(f"{exc} (checkpoint {checkpoint}). Resume an earlier checkpoint, or run "
+                                  "wl.verify() to list every damaged one.", path=exc.path, checkpoint=checkpoint)
+
+
+class _PackFiles:
+    """Open pack files for one batch of reads (a checkpoint reads many blobs from few packs)."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self._files: dict[Path, Any] = {}
+
+    def __enter__(self) -> "_PackFiles":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def read(self, path: Path, offset: int, out: memoryview) -> None:
+        f = self._files.get(path)
+        if f is None:
+            try:
+                f = self._files[path] = open(path, "rb", buffering=0)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"pack {path} is missing", path=path) from None
+        f.seek(offset)
+        got = 0
+        while got < out.nbytes:
+            n = f.readinto(out[got:])
+            if not n:
+                break
+            got += n
+        if got != out.nbytes:
+            raise CorruptCheckpointError(f"pack {path} is truncated: expected {out.nbytes} bytes at offset "
+                                         f"{offset}, found {got}", path=path)

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import codec, snapshot
+from . import codec
 from . import hyperparams as _hp
 from . import state as _state
 from .change import ChangeDetector, StateChange
@@ -45,6 +45,7 @@ from .ledger import LEDGER, Entry, Ledger
 from .manager import CheckpointEntry, CheckpointManager, SaveRequest
 from .manifest import Manifest
 from .refs import parse_ref
+from .snapshot import Snapshotter
 from .triggers import SavePolicy
 from .writer import Writer
 
@@ -86,6 +87,16 @@ class CheckpointConfig:
     #: Hyperparameter keys (bare names or dotted paths) that do not change the experiment, on top
     #: of ``weightslab.fingerprint.DEFAULT_EXCLUDED_KEYS``.
     exclude_keys: tuple[str, ...] = ()
+    #: ``"zstd"``: store changed tensors byte-shuffled and zstd-compressed when that saves space
+    #: (lossless; needs ``pip install 'weightslab[zstd]'``).
+    compression: str = "off"
+    #: Store a changed tensor as an XOR delta against its previous version (needs compression="zstd").
+    delta: bool = False
+    #: With ``delta``: a self-contained copy every N versions, so a restore decodes at most N blobs.
+    reanchor_interval: int = 10
+    #: Every N-th save copies and hashes every tensor, to check the cheap "unchanged" signal
+    #: (version counters) that lets the other saves skip unchanged tensors; 0 never checks.
+    full_check_every: int = 10
 
     def __post_init__(self) -> None:
         if not isinstance(self.root_log_dir, (str, os.PathLike)):
@@ -108,6 +119,17 @@ class CheckpointConfig:
         if not all(isinstance(k, str) and k for k in keys):
             raise ConfigError(f"exclude_keys must be non-empty strings, got {keys!r}")
         object.__setattr__(self, "exclude_keys", keys)
+        if self.compression not in ("off", "zstd"):
+            raise ConfigError(f"compression must be 'off' or 'zstd', got {self.compression!r}")
+        if not isinstance(self.delta, bool):
+            raise ConfigError(f"delta must be True or False, got {self.delta!r}")
+        if self.delta and self.compression != "zstd":
+            raise ConfigError("delta=True stores XOR deltas compressed with zstd: also pass compression='zstd'")
+        for name in ("reanchor_interval", "full_check_every"):
+            value = getattr(self, name)
+            low = 1 if name == "reanchor_interval" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -209,7 +231,12 @@ class AutomaticCheckpointSystem:
             raise ConfigError("pass either a CheckpointConfig or keyword settings, not both")
         self.config = config
         self.ledger = ledger
-        self.manager = CheckpointManager(config.root_log_dir)
+        try:
+            self.manager = CheckpointManager(config.root_log_dir, compression=config.compression, delta=config.delta,
+                                             reanchor_interval=config.reanchor_interval)
+        except ImportError as exc:
+            raise ConfigError(str(exc)) from exc
+        self._snapshotter = Snapshotter(full_check_every=config.full_check_every)
         self._policy = SavePolicy(every_steps=config.checkpoint_frequency)
         self._hasher = ExperimentHashGenerator(exclude_keys=config.exclude_keys)
         self._detector = ChangeDetector()
@@ -501,7 +528,7 @@ class AutomaticCheckpointSystem:
         ref = f"{self._experiment.hash}@{step}"
         try:
             captured = _state.capture(self.ledger, step=step, early=early)
-            tensors = snapshot.take(captured.tensors)
+            snap = self._snapshotter.take(captured.tensors)
         except Exception as exc:
             self._fail(f"checkpoint {ref}", exc)
             return False
@@ -509,7 +536,7 @@ class AutomaticCheckpointSystem:
         metrics = self._metrics[1] if self._metrics and self._metrics[0] == step else {}
         request = SaveRequest(
             experiment=self._experiment, step=step, reasons=reasons, changes=tuple(changes), metrics=metrics,
-            tree=captured.tree, tensors=tensors, run=self._run, resumed_from=self._resumed_from,
+            tree=captured.tree, snapshot=snap, run=self._run, resumed_from=self._resumed_from,
             created=created, created_ns=created_ns, versions=_versions())
         self._saved.add((self._experiment.hash, step))
         if self.config.strict:
@@ -523,7 +550,12 @@ class AutomaticCheckpointSystem:
         return True
 
     def _commit(self, request: SaveRequest) -> Manifest:
-        manifest = self.manager.commit(request)
+        try:
+            manifest, refs = self.manager.commit(request)
+        except BaseException:
+            self._snapshotter.forget()  # blobs it would reuse may be part of what failed
+            raise
+        self._snapshotter.committed(request.snapshot, refs)
         log.debug("committed checkpoint %s (%s, %d tensors, %d bytes)", manifest.ref, ", ".join(manifest.reasons),
                   len(manifest.tensors), manifest.total_bytes)
         return manifest
@@ -691,6 +723,7 @@ class AutomaticCheckpointSystem:
             else:
                 raise CorruptCheckpointError("no checkpoint of %s verifies:\n  %s" % (ref, "\n  ".join(damaged)))
             report = _state.restore(self.ledger, manifest.state, tensors)
+            self._learn_restored(manifest, tensors)
             for what in report.missing:
                 log.warning("resume from %s: %s is registered but not in the checkpoint; left as it is",
                             manifest.ref, what)
@@ -701,6 +734,15 @@ class AutomaticCheckpointSystem:
             log.info("resumed %s (step %d, %s) from %s", manifest.ref, manifest.step,
                      ", ".join(report.restored) or "nothing registered", entry.path)
             return manifest.step
+
+    def _learn_restored(self, manifest: Manifest, loaded: Mapping[str, torch.Tensor]) -> None:
+        """The models and optimizers now hold exactly the restored blobs: the next save reuses them
+        instead of copying and hashing everything again."""
+        live = _state.capture(self.ledger, step=manifest.step).tensors
+        refs = {k: e.blob for k, e in manifest.tensors.items()
+                if k in live and k.startswith(("models/", "optimizers/"))}
+        self._snapshotter.seed(live, refs)
+        self.manager.remember(loaded, refs)
 
     def _adopt(self, manifest: Manifest) -> None:
         """Continue in the restored checkpoint's experiment, or branch if the run differs from it."""
