@@ -25,7 +25,9 @@ from .fingerprint import ExperimentHashGenerator
 from .ledger import (get_dataloader, get_hyperparams, get_model, get_optimizer, get_scaler, get_scheduler,
                      get_state, list_registered, register_dataloader, register_hyperparams, register_model,
                      register_optimizer, register_scaler, register_scheduler, register_state, unregister)
-from .manager import CheckpointManager
+from .maintenance import gc, prune, verify
+from .manager import CheckpointManager, VerifyReport
+from .retention import KeepBest, KeepChanges, KeepEvery, KeepLast, Retention
 from .system import (AutomaticCheckpointSystem, CheckpointConfig, CheckpointInfo, checkpoint_on_config_change,
                      checkpoint_on_model_change, checkpoint_on_state_change, checkpoint_on_step,
                      get_checkpoint_system)
@@ -41,6 +43,8 @@ __all__ = [
     "get_checkpoint_system", "checkpoint_on_step", "checkpoint_on_model_change", "checkpoint_on_config_change",
     "checkpoint_on_state_change", "AutomaticCheckpointSystem", "CheckpointConfig", "CheckpointInfo",
     "CheckpointManager", "ExperimentHashGenerator",
+    # looking after a root
+    "verify", "prune", "gc", "VerifyReport", "Retention", "KeepLast", "KeepEvery", "KeepBest", "KeepChanges",
     # errors
     "WeightslabError", "NotRegisteredError", "RegistrationError", "HyperparamsError", "ConfigError",
     "InvalidStepError", "InvalidMetricsError", "StateError", "CheckpointNotFoundError",

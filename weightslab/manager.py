@@ -13,23 +13,28 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import yaml
 
-from .atomic import atomic_write, make_dirs, sweep_temp_files
+from . import codec
+from .atomic import atomic_write, fsync_dir, make_dirs, sweep_temp_files
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .experiment import ExperimentRecord, descendants
 from .layout import Layout, is_experiment_hash
 from .manifest import Manifest, TensorEntry
 from .refs import Ref, parse_ref
+from .retention import CheckpointRecord, Retention, RetentionPlan
 from .snapshot import Snapshot, dtype_tag, empty_like_entry, raw_bytes, tag_dtype
 from .store import Blob, BlobRef, BlobStore
+from .triggers import REASONS
 
-__all__ = ["CheckpointManager", "CheckpointEntry", "SaveRequest"]
+__all__ = ["CheckpointManager", "CheckpointEntry", "SaveRequest", "VerifyReport"]
 
 log = logging.getLogger(__name__)
+
+_KNOWN_REASONS = frozenset(REASONS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +73,26 @@ class CheckpointEntry:
         return f"{self.experiment}@{self.step}"
 
 
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`CheckpointManager.verify` found."""
+
+    checked: tuple[str, ...]  # refs of the checkpoints checked
+    damaged: tuple[tuple[str, str], ...]  # (ref, what is wrong, naming the file)
+    blobs: int  # distinct blobs read and checked
+    nbytes: int  # bytes read and checked
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.checked)} checkpoints, {self.blobs} blobs ({self.nbytes:,} bytes) checked: "
+                 + ("all verify" if self.ok else f"{len(self.damaged)} damaged")]
+        lines += [f"  {ref}: {why}" for ref, why in self.damaged]
+        return "\n".join(lines)
+
+
 def _relocated(ref: BlobRef, moved: Mapping[str, BlobRef]) -> BlobRef:
     """``ref`` with the blobs of its chain that garbage collection moved pointed at their new place."""
     if ref.digest in moved:
@@ -77,6 +102,10 @@ def _relocated(ref: BlobRef, moved: Mapping[str, BlobRef]) -> BlobRef:
         if base is not ref.base:
             return dataclasses.replace(ref, base=base)
     return ref
+
+
+def _decode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return codec.decode(dict(metrics), {})
 
 
 def _yamlable(value: Any) -> Any:
@@ -111,6 +140,7 @@ class CheckpointManager:
         self.reanchor_interval = reanchor_interval
         self._previous: dict[str, tuple[BlobRef, torch.Tensor]] = {}  # key -> last stored version (delta)
         self._written_experiments: set[str] = set()
+        self._records: dict[Path, tuple[int, CheckpointRecord | None]] = {}  # path -> (mtime, record)
         swept = sweep_temp_files(self.layout.temp_dirs())
         if swept:
             log.info("removed %d temporary files left by interrupted saves under %s", len(swept), self.root)
@@ -149,10 +179,11 @@ class CheckpointManager:
                  for k, t in snap.copies.items()]
         # Shared lock: garbage collection cannot delete a blob between our choice to reuse it and
         # the commit of the manifest that references it.
+        reused = snap.reused_refs()
         with self.store.lock(exclusive=False):
-            moved = self.store.revalidate(snap.reused.values())
+            moved = self.store.revalidate(reused.values())
             refs = dict(zip(keys, self.store.put(blobs)))
-            for key, ref in snap.reused.items():
+            for key, ref in reused.items():
                 refs[key] = _relocated(ref, moved)
             manifest = self._manifest(request, refs)
             atomic_write(self.layout.manifest(manifest.experiment, manifest.step), manifest.to_bytes())
@@ -323,3 +354,86 @@ class CheckpointManager:
     @staticmethod
     def tensor_meta(manifest: Manifest) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return {k: (tag_dtype(e.dtype), e.shape) for k, e in manifest.tensors.items()}
+
+    # --- verification -----------------------------------------------------------------------
+    def verify(self, ref: str | os.PathLike[str] | None = None, *,
+               progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        """Read back and check every byte of one checkpoint (``ref``) or of all of them.
+
+        Each distinct blob is read once, however many checkpoints share it; damaged ones are
+        reported with the file that holds them, not raised.
+        """
+        entries = self.checkpoints() if ref is None else self.candidates(ref)[:1]
+        verified: dict[str, str | None] = {}  # digest -> None if good, else the problem
+        checked, damaged = [], []
+        nbytes = 0
+        for i, entry in enumerate(entries):
+            if progress is not None:
+                progress(i, len(entries))
+            checked.append(entry.ref)
+            try:
+                manifest = self.read_manifest(entry)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                damaged.append((entry.ref, str(exc)))
+                continue
+            problems = []
+            for key, tensor in manifest.tensors.items():
+                blob = tensor.blob
+                if blob.digest not in verified:
+                    try:
+                        self.store.read(blob)
+                        verified[blob.digest] = None
+                        nbytes += blob.size
+                    except CorruptCheckpointError as exc:
+                        verified[blob.digest] = str(exc)
+                if verified[blob.digest] is not None:
+                    problems.append(f"tensor {key}: {verified[blob.digest]}")
+            if problems:
+                damaged.append((entry.ref, "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)"
+                                                                      if len(problems) > 3 else "")))
+        if progress is not None:
+            progress(len(entries), len(entries))
+        return VerifyReport(checked=tuple(checked), damaged=tuple(damaged), blobs=len(verified), nbytes=nbytes)
+
+    # --- retention --------------------------------------------------------------------------
+    def records(self, experiments: Iterable[str] | None = None) -> list[CheckpointRecord]:
+        """What retention needs to know of each committed checkpoint (manifests read once, cached)."""
+        out = []
+        for entry in self.checkpoints(experiments):
+            cached = self._records.get(entry.path)
+            if cached is None or cached[0] != entry.mtime_ns:
+                try:
+                    manifest = self.read_manifest(entry)
+                    metrics = {k: float(v) for k, v in _decode_metrics(manifest.metrics).items()}
+                    record: CheckpointRecord | None = CheckpointRecord(
+                        experiment=manifest.experiment, step=manifest.step, created_ns=manifest.created_ns,
+                        reasons=tuple(r for r in manifest.reasons if r in _KNOWN_REASONS), metrics=metrics)
+                except (CorruptCheckpointError, CheckpointNotFoundError, ValueError) as exc:
+                    log.warning("retention leaves %s alone: its manifest cannot be read (%s)", entry.ref, exc)
+                    record = None
+                cached = self._records[entry.path] = (entry.mtime_ns, record)
+            if cached[1] is not None:
+                out.append(cached[1])
+        return out
+
+    def apply_retention(self, retention: Retention, *, experiments: Iterable[str] | None = None,
+                        dry_run: bool = False) -> RetentionPlan:
+        """Delete the manifests of the checkpoints ``retention`` does not keep (blobs stay until
+        :func:`weightslab.gc`). Returns the plan, whether or not it was carried out."""
+        plan = retention.plan(self.records(experiments))
+        if dry_run or not plan.delete:
+            return plan
+        touched = set()
+        for record in plan.delete:
+            path = self.layout.manifest(record.experiment, record.step)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            self._records.pop(path, None)
+            touched.add(path.parent)
+        for directory in touched:
+            fsync_dir(directory)
+        log.info("retention deleted %d checkpoints (%s)", len(plan.delete),
+                 ", ".join(r.ref for r in plan.delete[:5]) + (" ..." if len(plan.delete) > 5 else ""))
+        return plan

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .store import BlobRef
 
 __all__ = ["DTYPE_TAGS", "dtype_tag", "tag_dtype", "take", "raw_bytes", "empty_like_entry",
-           "Snapshot", "Snapshotter", "Signal"]
+           "Snapshot", "Snapshotter", "Signal", "Slot"]
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +129,43 @@ class Signal:
                 and torch.equal(_sample(live), self.sample))
 
 
+class Slot:
+    """Where a copied tensor will be stored: filled by the writer when its save commits.
+
+    The writer commits saves in order, so a later save that reuses this slot finds it filled
+    (or failed) by the time the writer gets to it, even if it was taken before the commit.
+    """
+
+    __slots__ = ("ref", "failed")
+
+    def __init__(self) -> None:
+        self.ref: "BlobRef | None" = None
+        self.failed = False
+
+
 @dataclass
 class Snapshot:
     """One checkpoint's tensors: fresh copies of what changed, stored blobs of what did not."""
 
     copies: dict[str, torch.Tensor] = field(default_factory=dict)
-    reused: dict[str, "BlobRef"] = field(default_factory=dict)
-    signals: dict[str, Signal] = field(default_factory=dict)  # for the copies
-    expected: dict[str, str] = field(default_factory=dict)  # key -> digest the signal vouched for
+    slots: dict[str, Slot] = field(default_factory=dict)  # for the copies: filled at commit
+    reused: dict[str, Slot] = field(default_factory=dict)  # unchanged tensors: the slot of their last copy
+    expected: dict[str, Slot] = field(default_factory=dict)  # full check: what the signal vouched for
     meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)  # every key
 
     @property
     def copied_bytes(self) -> int:
         return sum(t.nbytes for t in self.copies.values())
+
+    def reused_refs(self) -> dict[str, "BlobRef"]:
+        """The stored blobs of the unchanged tensors (their saves must have committed)."""
+        out = {}
+        for key, slot in self.reused.items():
+            if slot.ref is None:
+                raise RuntimeError(f"tensor {key!r} was unchanged since a save that failed, so its bytes were "
+                                   "never stored; the next checkpoint copies it again")
+            out[key] = slot.ref
+        return out
 
 
 class Snapshotter:
@@ -152,12 +176,12 @@ class Snapshotter:
             raise ValueError(f"full_check_every must be >= 0 (0: never), got {full_check_every}")
         self.full_check_every = full_check_every
         self._lock = threading.Lock()
-        self._known: dict[str, tuple[Signal, "BlobRef"]] = {}
+        self._known: dict[str, tuple[Signal, Slot]] = {}
         self._distrusted: set[str] = set()
         self._count = 0
 
     def take(self, tensors: Mapping[str, torch.Tensor]) -> Snapshot:
-        """Copy what changed since it was last stored; reuse the stored blob of the rest."""
+        """Copy what changed since it was last copied; reuse the stored blob of the rest."""
         self._count += 1
         full = self.full_check_every > 0 and self._count % self.full_check_every == 0
         snap = Snapshot()
@@ -168,30 +192,40 @@ class Snapshotter:
         for key, tensor in tensors.items():
             snap.meta[key] = (tensor.dtype, tuple(tensor.shape))
             entry = known.get(key) if key not in distrusted else None
-            if entry is not None and entry[0].holds_for(tensor):
+            if entry is not None and not entry[1].failed and entry[0].holds_for(tensor):
                 if not full:
                     snap.reused[key] = entry[1]
                     continue
-                snap.expected[key] = entry[1].digest  # a full check: copy anyway, compare digests later
+                snap.expected[key] = entry[1]  # a full check: copy anyway, compare digests at commit
             to_copy[key] = tensor
         snap.copies = take(to_copy)
-        snap.signals = {k: Signal.of(to_copy[k], snap.copies[k]) for k in to_copy}
+        snap.slots = {k: Slot() for k in to_copy}
+        with self._lock:
+            for key in to_copy:
+                self._known[key] = (Signal.of(to_copy[key], snap.copies[key]), snap.slots[key])
         return snap
 
     def committed(self, snap: Snapshot, refs: Mapping[str, "BlobRef"]) -> None:
-        """The writer stored ``snap``: remember where each copied tensor went."""
+        """The writer stored ``snap``: fill the slots of its copies with where they went."""
+        for key, slot in snap.slots.items():
+            slot.ref = refs[key]
+        for key, ref in refs.items():  # reused blobs the store found moved (gc rewrote their pack)
+            if key in snap.reused and snap.reused[key].ref != ref:
+                snap.reused[key].ref = ref
         with self._lock:
-            for key, ref in refs.items():
-                expected = snap.expected.get(key)
-                if expected is not None and expected != ref.digest and key not in self._distrusted:
+            for key, vouched in snap.expected.items():
+                if vouched.ref is not None and vouched.ref.digest != refs[key].digest and key not in self._distrusted:
                     self._distrusted.add(key)
                     log.warning("tensor %r changed without its version counter moving (written through .data or "
                                 "a numpy view?); weightslab copies it at every save from now on", key)
-                if key in snap.signals:
-                    self._known[key] = (snap.signals[key], ref)
-            for key, ref in snap.reused.items():
-                if key in self._known:
-                    self._known[key] = (self._known[key][0], ref)
+
+    def failed(self, snap: Snapshot) -> None:
+        """``snap`` was not stored: saves that would reuse its copies must copy again."""
+        with self._lock:
+            for key, slot in snap.slots.items():
+                slot.failed = True
+                if key in self._known and self._known[key][1] is slot:
+                    del self._known[key]
 
     def seed(self, tensors: Mapping[str, torch.Tensor], refs: Mapping[str, "BlobRef"]) -> None:
         """After a resume: the live tensors now hold exactly these stored blobs."""
@@ -199,9 +233,11 @@ class Snapshotter:
             for key, ref in refs.items():
                 live = tensors.get(key)
                 if live is not None:
-                    self._known[key] = (Signal.of(live, live.detach()), ref)
+                    slot = Slot()
+                    slot.ref = ref
+                    self._known[key] = (Signal.of(live, live.detach()), slot)
 
     def forget(self) -> None:
-        """Forget every stored blob (after a failed save, whose blobs may not exist)."""
+        """Forget every stored blob (copy everything at the next save)."""
         with self._lock:
             self._known.clear()

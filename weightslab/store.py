@@ -272,9 +272,10 @@ class BlobIndex:
         return replace(ref, base=base) if base is not None else None
 
     def add(self, refs: Iterable[BlobRef]) -> None:
+        """Record a pack just written; its locations win (a rewritten pack replaces an old one)."""
         with self._lock:
             for ref in refs:
-                self._by_digest.setdefault(ref.digest, ref)
+                self._by_digest[ref.digest] = ref
                 self._scanned.add(ref.pack)
 
     def forget_pack(self, pack_id: str) -> None:

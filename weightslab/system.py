@@ -36,7 +36,7 @@ from . import codec
 from . import hyperparams as _hp
 from . import state as _state
 from .change import ChangeDetector, StateChange
-from .errors import (CheckpointSaveError, ConfigError, CorruptCheckpointError, HyperparamsError,
+from .errors import (CheckpointNotFoundError, CheckpointSaveError, ConfigError, CorruptCheckpointError, HyperparamsError,
                      InvalidMetricsError, InvalidStepError, WeightslabError)
 from .experiment import ExperimentRecord, Parent
 from .fingerprint import ExperimentHashGenerator, Fingerprint, architecture_text, diff_architecture, diff_hyperparams
@@ -45,6 +45,7 @@ from .ledger import LEDGER, Entry, Ledger
 from .manager import CheckpointEntry, CheckpointManager, SaveRequest
 from .manifest import Manifest
 from .refs import parse_ref
+from .retention import Retention
 from .snapshot import Snapshotter
 from .triggers import SavePolicy
 from .writer import Writer
@@ -97,6 +98,11 @@ class CheckpointConfig:
     #: Every N-th save copies and hashes every tensor, to check the cheap "unchanged" signal
     #: (version counters) that lets the other saves skip unchanged tensors; 0 never checks.
     full_check_every: int = 10
+    #: Which checkpoints to keep, applied to the experiment after each save: a
+    #: :class:`~weightslab.retention.Retention` or a dict of ``Retention.of`` arguments, e.g.
+    #: ``{"keep_last": 5, "keep_best": 1, "metric": "val_loss"}``. None keeps everything. The
+    #: latest and the best are never deleted; ``wl.gc()`` reclaims the space.
+    retention: Retention | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.root_log_dir, (str, os.PathLike)):
@@ -125,6 +131,15 @@ class CheckpointConfig:
             raise ConfigError(f"delta must be True or False, got {self.delta!r}")
         if self.delta and self.compression != "zstd":
             raise ConfigError("delta=True stores XOR deltas compressed with zstd: also pass compression='zstd'")
+        if isinstance(self.retention, Mapping):
+            try:
+                object.__setattr__(self, "retention", Retention.of(**self.retention))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"retention: {exc}; use keys keep_last, keep_every, keep_best, metric, mode, "
+                                  "keep_changes") from None
+        elif self.retention is not None and not isinstance(self.retention, Retention):
+            raise ConfigError(f"retention must be a weightslab.retention.Retention, a dict of its settings or None, "
+                              f"got {type(self.retention).__name__}")
         for name in ("reanchor_interval", "full_check_every"):
             value = getattr(self, name)
             low = 1 if name == "reanchor_interval" else 0
@@ -553,9 +568,16 @@ class AutomaticCheckpointSystem:
         try:
             manifest, refs = self.manager.commit(request)
         except BaseException:
-            self._snapshotter.forget()  # blobs it would reuse may be part of what failed
+            self._snapshotter.failed(request.snapshot)  # later saves must copy what this one did not store
             raise
         self._snapshotter.committed(request.snapshot, refs)
+        retention = self.config.retention
+        if retention is not None and not retention.keeps_everything:
+            try:
+                self.manager.apply_retention(retention, experiments=[manifest.experiment])
+            except Exception as exc:  # the checkpoint itself is committed: report, do not fail it
+                log.warning("retention after checkpoint %s failed: %s: %s", manifest.ref, type(exc).__name__, exc)
+                self._writer.keep(exc)
         log.debug("committed checkpoint %s (%s, %d tensors, %d bytes)", manifest.ref, ", ".join(manifest.reasons),
                   len(manifest.tensors), manifest.total_bytes)
         return manifest
@@ -827,6 +849,20 @@ def get_checkpoint_system(**settings: Any) -> AutomaticCheckpointSystem:
         current._close(crashed=True)  # nothing saved yet: no final checkpoint to take
         _SYSTEM = AutomaticCheckpointSystem(wanted)
         return _SYSTEM
+
+
+def manager_for(root: str | os.PathLike[str] | None = None) -> CheckpointManager:
+    """The checkpoint manager of ``root``; by default the running system's root, else
+    ``$WEIGHTSLAB_ROOT`` or ``./experiments``. Raises if that directory is not a weightslab root."""
+    with _SYSTEM_LOCK:
+        system = _SYSTEM if _SYSTEM is not None and not _SYSTEM.closed else None
+    path = Path(root).expanduser().absolute() if root is not None else (system.root if system else _default_root().absolute())
+    if system is not None and system.root == path:
+        return system.manager  # shares the blob index and caches of the running system
+    if not (path / "checkpoints").is_dir() and not (path / "objects").is_dir():
+        raise CheckpointNotFoundError(f"{path} is not a weightslab root (it has no checkpoints/ or objects/ "
+                                      "directory); pass root= the root_log_dir your training used")
+    return CheckpointManager(path)
 
 
 def _system() -> AutomaticCheckpointSystem:

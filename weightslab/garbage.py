@@ -1,0 +1,102 @@
+"""Garbage collection: reclaiming the blobs no committed checkpoint references any more.
+
+Retention deletes manifests; the tensor bytes they referenced stay in ``objects/`` until garbage
+collection finds that no manifest (nor any delta that a manifest needs) references them. A pack
+whose blobs are all dead is deleted; a pack that is mostly dead is rewritten with its live blobs
+(its old locations stay valid as hints: readers find moved blobs again by digest).
+
+Two safety nets make this safe while other processes save into the same root: collection holds
+the store's lock exclusively, so no commit can be between "reuse this blob" and "manifest
+written" while it marks and sweeps; and it never touches a pack younger than ``grace_seconds``,
+for writers on machines whose locks it cannot see (network filesystems).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
+from .manager import CheckpointManager
+
+__all__ = ["GcReport", "collect"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    packs_deleted: int
+    packs_rewritten: int
+    bytes_freed: int  # (would be freed, with dry_run)
+    bytes_live: int  # stored bytes of live blobs
+    bytes_dead_kept: int  # dead bytes left in place (young packs, packs mostly live)
+    live_blobs: int
+    dry_run: bool
+
+    def __str__(self) -> str:
+        verb = "would free" if self.dry_run else "freed"
+        return (f"{verb} {self.bytes_freed:,} bytes ({self.packs_deleted} packs deleted, {self.packs_rewritten} "
+                f"rewritten); {self.live_blobs} live blobs hold {self.bytes_live:,} bytes; "
+                f"{self.bytes_dead_kept:,} dead bytes left in young or mostly live packs")
+
+
+def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_below: float = 0.5,
+            dry_run: bool = False) -> GcReport:
+    """Delete or rewrite packs holding blobs that no committed checkpoint references.
+
+    ``repack_below``: a pack whose live bytes are less than this fraction of its bytes is
+    rewritten with only its live blobs (0 never rewrites). ``dry_run`` only reports.
+    """
+    if grace_seconds < 0 or not 0 <= repack_below <= 1:
+        raise ValueError("grace_seconds must be >= 0 and repack_below between 0 and 1")
+    store = manager.store
+    with store.lock(exclusive=True):
+        live: set[str] = set()
+        for entry in manager.checkpoints():
+            try:
+                manifest = manager.read_manifest(entry)
+            except CheckpointNotFoundError:
+                continue  # deleted by retention meanwhile
+            except CorruptCheckpointError as exc:
+                # Its blobs are unknown: collecting now could delete what a repair would need.
+                raise WeightslabError(
+                    f"garbage collection stopped before deleting anything: {exc}. Delete that manifest (the "
+                    "checkpoint cannot be restored anyway) or restore it from a backup, then run gc again.") from exc
+            for tensor in manifest.tensors.values():
+                live.update(ref.digest for ref in tensor.blob.chain())
+        now = time.time()
+        deleted = rewritten = freed = live_bytes = dead_kept = live_count = 0
+        counted: set[str] = set()
+        for info in store.packs():
+            alive = [b for b in info.blobs if b.digest in live]
+            for b in alive:
+                if b.digest not in counted:
+                    counted.add(b.digest)
+                    live_count += 1
+                    live_bytes += b.nbytes
+            dead = sum(b.nbytes for b in info.blobs if b.digest not in live)
+            if dead == 0:
+                continue
+            kept = sum(b.nbytes for b in alive)
+            if now - info.mtime < grace_seconds or (alive and kept >= repack_below * (kept + dead)):
+                dead_kept += dead
+                continue
+            if not alive:
+                deleted += 1
+                freed += info.size
+                if not dry_run:
+                    store.delete_pack(info)
+                continue
+            rewritten += 1
+            if dry_run:
+                freed += dead
+                continue
+            new_pack = store.repack(info, {b.digest for b in alive})
+            new_size = store.layout.pack(new_pack).stat().st_size if new_pack else 0
+            freed += info.size - new_size
+    report = GcReport(packs_deleted=deleted, packs_rewritten=rewritten, bytes_freed=freed, bytes_live=live_bytes,
+                      bytes_dead_kept=dead_kept, live_blobs=live_count, dry_run=dry_run)
+    log.info("garbage collection under %s: %s", manager.root, report)
+    return report

@@ -1,0 +1,61 @@
+"""Looking after a root: verifying every byte, applying retention, reclaiming unreferenced blobs.
+
+These work on any root (``root=`` a path), by default the running checkpoint system's, and never
+need the model's code::
+
+    wl.verify()                                   # every checkpoint of the root
+    wl.prune(keep_last=5, keep_best=1, metric="val_loss")
+    wl.gc()                                       # reclaim what the pruned checkpoints held
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+from . import garbage
+from .garbage import GcReport
+from .manager import VerifyReport
+from .retention import Retention, RetentionPlan
+from .system import manager_for
+
+__all__ = ["verify", "prune", "gc"]
+
+
+
+def verify(ref: str | os.PathLike[str] | None = None, *, root: str | os.PathLike[str] | None = None,
+           progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Check the digests of every blob of one checkpoint (``ref``) or of every checkpoint.
+
+    Returns a :class:`~weightslab.manager.VerifyReport`; ``report.ok`` is False and
+    ``report.damaged`` names each bad checkpoint and file when something does not verify.
+    """
+    return manager_for(root).verify(ref, progress=progress)
+
+
+def prune(*, keep_last: int | None = None, keep_every: int | None = None, keep_best: int | None = None,
+          metric: str | None = None, mode: str = "min", keep_changes: bool = False,
+          retention: Retention | None = None, experiments: Iterable[str] | None = None,
+          root: str | os.PathLike[str] | None = None, dry_run: bool = False) -> RetentionPlan:
+    """Delete the checkpoints a retention policy does not keep (per experiment).
+
+    The latest checkpoint of each experiment and the best by each ``metric`` are never deleted.
+    Deleting removes manifests; run :func:`gc` to reclaim the bytes only they referenced.
+    """
+    if retention is None:
+        retention = Retention.of(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best,
+                                 metric=metric, mode=mode, keep_changes=keep_changes)
+    elif any(v is not None for v in (keep_last, keep_every, keep_best, metric)) or keep_changes:
+        raise ValueError("pass either retention= or the keep_* arguments, not both")
+    return manager_for(root).apply_retention(retention, experiments=experiments, dry_run=dry_run)
+
+
+def gc(*, root: str | os.PathLike[str] | None = None, grace_seconds: float = 300.0, repack_below: float = 0.5,
+       dry_run: bool = False) -> GcReport:
+    """Reclaim the blobs no committed checkpoint references (see :mod:`weightslab.garbage`).
+
+    Safe while other processes save into the same root. Packs younger than ``grace_seconds``
+    are left alone; packs less than ``repack_below`` live are rewritten with their live blobs.
+    """
+    return garbage.collect(manager_for(root), grace_seconds=grace_seconds, repack_below=repack_below,
+                           dry_run=dry_run)
