@@ -25,6 +25,7 @@ from .fingerprint import ExperimentHashGenerator
 from .ledger import (get_dataloader, get_hyperparams, get_model, get_optimizer, get_scaler, get_scheduler,
                      get_state, list_registered, register_dataloader, register_hyperparams, register_model,
                      register_optimizer, register_scaler, register_scheduler, register_state, unregister)
+from .export import export, load
 from .maintenance import gc, prune, verify
 from .manager import CheckpointManager, VerifyReport
 from .retention import KeepBest, KeepChanges, KeepEvery, KeepLast, Retention
@@ -44,7 +45,7 @@ __all__ = [
     "checkpoint_on_state_change", "AutomaticCheckpointSystem", "CheckpointConfig", "CheckpointInfo",
     "CheckpointManager", "ExperimentHashGenerator",
     # looking after a root
-    "verify", "prune", "gc", "VerifyReport", "Retention", "KeepLast", "KeepEvery", "KeepBest", "KeepChanges",
+    "verify", "prune", "gc", "export", "load", "VerifyReport", "Retention", "KeepLast", "KeepEvery", "KeepBest", "KeepChanges",
     # errors
     "WeightslabError", "NotRegisteredError", "RegistrationError", "HyperparamsError", "ConfigError",
     "InvalidStepError", "InvalidMetricsError", "StateError", "CheckpointNotFoundError",
