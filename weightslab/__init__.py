@@ -25,7 +25,7 @@ from .fingerprint import ExperimentHashGenerator
 from .ledger import (get_dataloader, get_hyperparams, get_model, get_optimizer, get_scaler, get_scheduler,
                      get_state, list_registered, register_dataloader, register_hyperparams, register_model,
                      register_optimizer, register_scaler, register_scheduler, register_state, unregister)
-from .export import export, load
+from .portable import export, load
 from .maintenance import gc, prune, verify
 from .manager import CheckpointManager, VerifyReport
 from .retention import KeepBest, KeepChanges, KeepEvery, KeepLast, Retention

@@ -1,4 +1,4 @@
-"""Getting checkpoints out: load() as plain Python, export() to .safetensors and .pt, on real roots.
+"""Tests of weightslab/portable.py: wl.export and wl.load."""
 
 Checkpoints come from real training runs through the real checkpoint system; every comparison is
 bit for bit against the live state recorded at the step the checkpoint was taken.
@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 import weightslab as wl
-from weightslab.export import export, load
+from weightslab.portable import export, load
 from weightslab.layout import Layout
 
 from .conftest import REPO, run_python
@@ -194,7 +194,7 @@ def test_load_records_frozen_parameters_and_eval_modules(root: Path) -> None:
 LOAD_IN_FRESH_PROCESS = r"""
 import json, sys
 sys.modules["tests"] = None  # the test package, and the model class defined in it, cannot be imported
-import weightslab.export as wx
+import weightslab.portable as wx
 state = wx.load(sys.argv[1], root=sys.argv[2])
 print(json.dumps({
     "ref": state["ref"], "step": state["step"],
