@@ -1,4 +1,4 @@
-"""Tests of weightslab/portable.py: wl.export and wl.load."""
+"""Getting checkpoints out (weightslab/portable.py): load() as plain Python, export() to .safetensors and .pt.
 
 Checkpoints come from real training runs through the real checkpoint system; every comparison is
 bit for bit against the live state recorded at the step the checkpoint was taken.
