@@ -14,12 +14,13 @@ packs are: no method gets to reuse the blocks another one just freed.
 * torch.save + fsync of ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}``;
 * weightslab blocking: the wall time of ``wl.checkpoint_on_step(step)`` on a saving step (capture and
   copy of every tensor on the calling thread), then the background write: the time until
-  ``system.wait()`` returns (hash, write one pack + manifest, fsync, rename). The parameters are
-  perturbed in place before each save so that every save writes all of its bytes;
+  ``system.wait()`` returns (hash, write one pack + manifest, fsync, rename). Parameters and
+  optimizer state are perturbed in place before each save so that every save writes all of its
+  bytes (weightslab would otherwise skip the unchanged ones: ``benchmarks/storage.py`` measures that);
 * restore: ``system.resume("<hash>@<step>")`` against ``torch.load(weights_only=True)`` +
   ``model.load_state_dict`` + ``optimizer.load_state_dict`` of the torch.save file. The page cache
   cannot be dropped without root, so both read files that are warm in the page cache;
-* bytes on disk of one checkpoint (pack + manifest) against the torch.save file.
+* bytes on disk of one checkpoint (the blobs it references + its manifest) against the torch.save file.
 
 Prints a table of seconds, GB/s, the ratio to each reference and the targets of DESIGN.md
 (blocking <= 0.04x torch.save, background write >= 0.8x disk bandwidth, restore <= 1.2x
@@ -94,19 +95,24 @@ def torch_restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> f
     return time.perf_counter() - start
 
 
-def perturb(model: nn.Module) -> None:
+def perturb(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Change every tensor of the state (as a training step does), so each save writes all of it:
+    weightslab skips tensors that did not change, and this benchmark measures a full save."""
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1e-3)
+        for state in opt.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    value.add_(1e-6)
 
 
 def checkpoint_files(system: wl.AutomaticCheckpointSystem, ref: str) -> tuple[int, int]:
-    """(bytes of the pack files, bytes of the manifest) of one committed checkpoint."""
+    """(bytes of the blobs one committed checkpoint references, bytes of its manifest)."""
     entry = system.manager.candidates(ref)[0]
     manifest = system.manager.read_manifest(entry)
-    packs = {e.blob.pack for e in manifest.tensors.values()}
-    pack_bytes = sum(system.manager.layout.pack(p).stat().st_size for p in packs)
-    return pack_bytes, entry.path.stat().st_size
+    blobs = {e.blob.digest: e.blob.nbytes for e in manifest.tensors.values()}
+    return sum(blobs.values()), entry.path.stat().st_size
 
 
 def main() -> None:
@@ -158,7 +164,7 @@ def main() -> None:
                 if timed:
                     tsave.append(seconds)
                 # 4. weightslab: the blocking call, then the background write until durable
-                perturb(model)
+                perturb(model, opt)
                 step += 1
                 start = time.perf_counter()
                 saved = wl.checkpoint_on_step(step)
@@ -229,7 +235,7 @@ def main() -> None:
     row("weightslab resume", wl_restore, written, wl_load_s / t_load_s, "torch.load", "<= 1.2x",
         wl_load_s / t_load_s <= 1.2)
     print("restore: both files warm in the page cache (no root to drop it); reads come from memory, not disk")
-    print(f"bytes on disk: weightslab pack + manifest {pack_bytes + manifest_bytes:,} "
+    print(f"bytes on disk: weightslab blobs + manifest {pack_bytes + manifest_bytes:,} "
           f"({pack_bytes:,} + {manifest_bytes:,}) vs torch.save file {torch_bytes:,} "
           f"-> {(pack_bytes + manifest_bytes) / torch_bytes:.3f}x")
     if leftover:

@@ -1,10 +1,12 @@
 """Storage cost of ten consecutive checkpoints, against ten torch.save files and against what changed.
 
 Run: ``python benchmarks/storage.py`` (an MLP of ``--layers`` (20) square nn.Linear layers + GELU, about
-``--params`` parameters (default 25 M; Adam, so about 300 MB of state); about 3-4 minutes on a
-2-core machine), or ``--params 2000000`` for a quick run (about 15 s). ``--dir PATH`` chooses where
-the files go (default: a temporary directory under the current one, so the disk measured is the
-disk written to; everything is removed at the end).
+``--params`` parameters (default 25 M; Adam, so about 300 MB of state); about 3 minutes on a
+2-core machine, and it writes about 25 GB), or ``--params 2000000`` for a quick run (about 25 s).
+``--dir PATH`` chooses where the files go (default: a temporary directory under the current one,
+so the disk measured is the disk written to; everything is removed at the end). Run it from
+outside a git work tree, or pass ``--dir``, so that a ``git add -A`` meanwhile cannot pick up the
+temporary files.
 
 Everything runs in one process. Three scenarios, each made of 10 checkpoints with one real training
 step (forward, backward of an MSE loss, ``Adam.step``, on a random batch of ``--batch`` (32) rows) before each:

@@ -336,16 +336,19 @@ def test_deltas_restore_bit_for_bit_across_reanchors(root: Path) -> None:
         states[s] = state_copy(model, opt)
     system.wait()
     manager = CheckpointManager(root)
-    encodings, depths = set(), set()
+    depths, weight = set(), []
     for entry in manager.checkpoints():
         manifest = manager.read_manifest(entry)
-        for t in manifest.tensors.values():
-            encodings.add(t.blob.encoding)
-            depths.add(t.blob.depth)
+        depths.update(t.blob.depth for t in manifest.tensors.values())
+        weight.append(manifest.tensors["models/main/0.weight"].blob)
         tensors = manager.load_tensors(manifest)
         for key, value in model.state_dict().items():
             assert torch.equal(tensors[f"models/main/{key}"], states[entry.step][f"m/{key}"]), (entry.step, key)
-    assert "xor-zstd" in encodings and max(depths) == 2  # reanchored every 3 versions
+    # deltas never chain (a restore decodes at most two blobs), and every 3 versions a new anchor
+    assert max(depths) == 1
+    assert [b.encoding == "xor-zstd" for b in weight] == [False, True, True, False, True, True, False, True]
+    assert weight[1].base.digest == weight[2].base.digest == weight[0].digest
+    assert weight[4].base.digest == weight[3].digest
     assert wl.verify().ok
     h = system.experiment_hash
     assert system.resume(f"{h}@5") == 5
@@ -527,4 +530,30 @@ def test_checkpoints_of_the_foundation_format_still_load(tmp_path: Path) -> None
     system.wait()
     assert json.loads(Layout(root).manifest(system.experiment_hash, 5).read_text())["format_version"] == 2
     assert wl.verify().ok
+    system.close()
+
+
+def test_a_damaged_delta_anchor_is_named_when_the_delta_is_restored(root: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False,
+                                      compression="zstd", delta=True)
+    wl.register_model(model)
+    wl.register_optimizer(opt)
+    for s in (1, 2):
+        step(model, opt)
+        wl.checkpoint_on_step(s)
+    system.wait()
+    h = system.experiment_hash
+    delta = json.loads(Layout(root).manifest(h, 2).read_text())["tensors"]["models/main/0.weight"]
+    assert delta["encoding"] == "xor-zstd"
+    anchor = delta["base"]
+    anchor_path = root / "objects" / anchor["pack"][:2] / f"{anchor['pack'][2:]}.safetensors"
+    data = bytearray(anchor_path.read_bytes())
+    data[anchor["offset"] + anchor["nbytes"] // 2] ^= 0x01
+    anchor_path.write_bytes(bytes(data))
+    with pytest.raises(wl.CorruptCheckpointError) as info:
+        system.resume(f"{h}@2")
+    assert info.value.path == anchor_path and "delta base" in str(info.value)
     system.close()

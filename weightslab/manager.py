@@ -123,9 +123,10 @@ class CheckpointManager:
     """Structured checkpoint storage under one root (``<root>/checkpoints``, ``<root>/objects``).
 
     ``compression="zstd"`` stores changed tensors byte-shuffled and zstd-compressed when that
-    saves space; ``delta=True`` stores them as XOR deltas against their previous version (kept in
-    host memory), with a self-contained copy every ``reanchor_interval`` versions so that a
-    restore never decodes a long chain. Both are lossless: restores are bit-identical.
+    saves space; ``delta=True`` stores them as XOR deltas against their anchor, the last version
+    stored self-contained (kept in host memory), with a new anchor every ``reanchor_interval``
+    versions. Deltas never chain: a restore decodes at most two blobs per tensor, whatever the
+    checkpoint. Both are lossless: restores are bit-identical.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, compression: str = "off", delta: bool = False,
@@ -138,7 +139,8 @@ class CheckpointManager:
         self.store = BlobStore(self.layout, compression=compression, level=level)
         self.delta = delta
         self.reanchor_interval = reanchor_interval
-        self._previous: dict[str, tuple[BlobRef, torch.Tensor]] = {}  # key -> last stored version (delta)
+        # key -> (anchor blob, its raw tensor, deltas stored against it since), for delta=True
+        self._anchors: dict[str, tuple[BlobRef, torch.Tensor, int]] = {}
         self._written_experiments: set[str] = set()
         self._records: dict[Path, tuple[int, CheckpointRecord | None]] = {}  # path -> (mtime, record)
         swept = sweep_temp_files(self.layout.temp_dirs())
@@ -189,24 +191,29 @@ class CheckpointManager:
             atomic_write(self.layout.manifest(manifest.experiment, manifest.step), manifest.to_bytes())
         if self.delta:
             for key in keys:
-                self._previous[key] = (refs[key], snap.copies[key])
+                ref = refs[key]
+                if ref.base is None:  # stored self-contained: the new anchor of this tensor
+                    self._anchors[key] = (ref, snap.copies[key], 0)
+                elif key in self._anchors and ref.base.digest == self._anchors[key][0].digest:
+                    anchor, tensor, count = self._anchors[key]
+                    self._anchors[key] = (anchor, tensor, count + 1)
         return manifest, refs
 
     def _delta_base(self, key: str, tensor: torch.Tensor) -> tuple[BlobRef, memoryview] | None:
-        previous = self._previous.get(key) if self.delta else None
-        if previous is None:
+        anchor = self._anchors.get(key) if self.delta else None
+        if anchor is None:
             return None
-        ref, old = previous
-        if old.dtype != tensor.dtype or old.shape != tensor.shape or ref.depth + 1 >= self.reanchor_interval:
-            return None  # a new anchor: restores never decode more than reanchor_interval blobs
+        ref, old, count = anchor
+        if old.dtype != tensor.dtype or old.shape != tensor.shape or count + 1 >= self.reanchor_interval:
+            return None  # store it self-contained: it becomes the new anchor
         return ref, raw_bytes(old)
 
     def remember(self, tensors: Mapping[str, torch.Tensor], refs: Mapping[str, BlobRef]) -> None:
-        """Delta bases after a resume: the loaded tensors are the stored versions ``refs``."""
+        """Anchors after a resume: the restored tensors self-contained in the store become anchors."""
         if self.delta:
             for key, ref in refs.items():
-                if key in tensors:
-                    self._previous[key] = (ref, tensors[key])
+                if key in tensors and ref.base is None:
+                    self._anchors[key] = (ref, tensors[key], 0)
 
     def _manifest(self, request: SaveRequest, refs: Mapping[str, BlobRef]) -> Manifest:
         meta = request.snapshot.meta

@@ -473,8 +473,9 @@ class BlobStore:
             except CorruptCheckpointError:
                 raise _named(first, checkpoint) from None
 
-    def _read_at(self, ref: BlobRef, out: memoryview, files: "_PackFiles") -> None:
+    def _read_at(self, ref: BlobRef, out: memoryview, files: "_PackFiles", *, check: bool = True) -> None:
         path = self.layout.pack(ref.pack)
+        base_ref = None
         if ref.encoding == "raw":
             files.read(path, ref.offset, out)
         else:
@@ -487,20 +488,38 @@ class BlobStore:
                     raise CorruptCheckpointError(f"the delta base {ref.base.digest} of a blob in {path} is missing "
                                                  "from the store", path=path)
                 base = bytearray(base_ref.size)
-                self._read_verified(base_ref, memoryview(base), files, None)
+                # Decoded without its own check: the final digest covers the base too, and only a
+                # failure pays for finding out which of the two files is damaged.
+                try:
+                    self._read_at(base_ref, memoryview(base), files, check=False)
+                except CorruptCheckpointError as exc:
+                    raise CorruptCheckpointError(f"the delta base of a blob in {path} is damaged: {exc}",
+                                                 path=exc.path) from None
             try:
                 _encoding.decode(stored, itemsize=ref.itemsize, encoding=ref.encoding, raw_nbytes=ref.size,
                                  base=base, out=out)
             except ValueError as exc:
                 raise CorruptCheckpointError(f"pack {path} holds a damaged {ref.encoding} blob at offset "
                                              f"{ref.offset} ({exc})", path=path) from None
+        if check:
+            self._check(ref, out, path, base_ref, files)
+
+    def _check(self, ref: BlobRef, out: memoryview, path: Path, base_ref: "BlobRef | None",
+               files: "_PackFiles") -> None:
         algorithm = ref.digest.split(":", 1)[0]
         if algorithm not in _HASHERS:
             raise CorruptCheckpointError(f"unknown digest algorithm {algorithm!r} for a blob in {path}; "
                                          "upgrade weightslab", path=path)
-        if _digest(out, algorithm) != ref.digest:
-            raise CorruptCheckpointError(f"pack {path} is corrupt: the blob at offset {ref.offset} does not "
-                                         f"match its digest {ref.digest}", path=path)
+        if _digest(out, algorithm) == ref.digest:
+            return
+        if base_ref is not None:  # name the damaged file: the delta's base, or the delta itself
+            try:
+                self._read_verified(base_ref, memoryview(bytearray(base_ref.size)), files, None)
+            except CorruptCheckpointError as exc:
+                raise CorruptCheckpointError(f"the delta base of a blob in {path} is damaged: {exc}",
+                                             path=exc.path) from None
+        raise CorruptCheckpointError(f"pack {path} is corrupt: the blob at offset {ref.offset} does not "
+                                     f"match its digest {ref.digest}", path=path)
 
     # --- maintenance ------------------------------------------------------------------------
     def packs(self) -> list[PackInfo]:
