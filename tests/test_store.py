@@ -116,7 +116,10 @@ def test_pack_is_a_valid_safetensors_file(store, tensors):
     assert path == store.layout.objects_dir / refs[0].pack[:2] / f"{refs[0].pack[2:]}.safetensors"
     with safetensors.safe_open(str(path), "pt") as f:
         assert set(f.keys()) == {r.digest.split(":", 1)[1] for r in refs}
-        assert f.metadata() == {"format": "weightslab.pack", "format_version": "2", "digest": "sha256"}
+        meta = f.metadata()
+        assert {k: meta[k] for k in ("format", "format_version", "digest")} == \
+            {"format": "weightslab.pack", "format_version": "2", "digest": "sha256"}
+        assert set(json.loads(meta["checks"])) == {r.digest.split(":", 1)[1] for r in refs}
         for t, r in zip(tensors, refs):
             got = f.get_tensor(r.digest.split(":", 1)[1])
             assert got.dtype == t.dtype and got.shape == t.shape
@@ -185,7 +188,9 @@ def test_put_of_nothing(store):
 def test_blobref_json_round_trip(store):
     (ref,) = store.put([Blob(b"hello", "U8", (5,))])
     data = json.loads(json.dumps(ref.to_json()))
-    assert data == {"digest": ref.digest, "pack": ref.pack, "offset": ref.offset, "nbytes": 5}
+    import xxhash
+    assert data == {"digest": ref.digest, "pack": ref.pack, "offset": ref.offset, "nbytes": 5,
+                    "check": "xxh3-128:" + xxhash.xxh3_128(b"hello").hexdigest()}
     assert BlobRef.from_json(data) == ref
     assert bytes(store.read(BlobRef.from_json(data))) == b"hello"
 
@@ -319,3 +324,28 @@ def test_second_store_over_the_same_root_reads_the_packs(store):
     (ref,) = store.put([Blob(b"shared", "U8", (6,))])
     other = BlobStore(Layout(store.layout.root))
     assert bytes(other.read(ref)) == b"shared"
+
+
+def test_reads_check_the_fast_checksum_and_strong_reads_check_sha256(store):
+    import dataclasses
+    (ref,) = store.put([Blob(b"payload!", "U8", (8,))])
+    assert ref.check and ref.check.startswith("xxh3-128:")
+    tampered = dataclasses.replace(ref, check="xxh3-128:" + "0" * 32)
+    with pytest.raises(CorruptCheckpointError, match="does not match"):
+        store.read(tampered)  # proves the fast checksum is what a normal read verifies
+    assert bytes(store.read(tampered, strong=True)) == b"payload!"  # SHA-256 of the same bytes: fine
+    wrong_digest = dataclasses.replace(ref, digest="sha256:" + "0" * 64)
+    assert bytes(store.read(dataclasses.replace(wrong_digest, check=ref.check))) == b"payload!"
+    with pytest.raises(CorruptCheckpointError):
+        store.read(wrong_digest, strong=True)
+
+
+def test_without_xxhash_reads_fall_back_to_sha256(store, monkeypatch):
+    import dataclasses
+    from weightslab import store as store_module
+    (ref,) = store.put([Blob(b"payload!", "U8", (8,))])
+    monkeypatch.setattr(store_module, "_FAST", None)  # as if xxhash were not installed
+    tampered = dataclasses.replace(ref, check="xxh3-128:" + "0" * 32)
+    assert bytes(store.read(tampered)) == b"payload!"  # the check is ignored, SHA-256 verifies
+    (other,) = store.put([Blob(b"no check", "U8", (8,))])
+    assert other.check is None

@@ -388,7 +388,7 @@ class CheckpointManager:
                 blob = tensor.blob
                 if blob.digest not in verified:
                     try:
-                        self.store.read(blob)
+                        self.store.read(blob, strong=True)  # SHA-256, not the fast checksum
                         verified[blob.digest] = None
                         nbytes += blob.size
                     except CorruptCheckpointError as exc:
