@@ -156,10 +156,19 @@ def test_atomic_write_into_missing_directory_raises_file_not_found(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_atomic_write_without_dir_sync_still_writes(tmp_path):
+def test_atomic_path_commits_what_the_block_wrote_and_nothing_if_it_raises(tmp_path):
+    from weightslab.atomic import atomic_path
     path = tmp_path / "f"
-    assert atomic_write(path, [b"a", b"b"], sync_dir=False) == 2
-    assert path.read_bytes() == b"ab"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    with atomic_path(path) as tmp:
+        assert tmp.parent == path.parent and tmp.name.startswith(".tmp.")
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
 def test_fsync_dir_on_existing_and_missing_directory(tmp_path):

@@ -6,10 +6,8 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import weightslab as wl
 from weightslab.layout import Layout
 from weightslab.manager import CheckpointManager
 
-from .conftest import DETERMINISTIC_ENV, REPO, run_python
+from .conftest import DETERMINISTIC_ENV, REPO
 
 DATA = Path(__file__).parent / "data"
 
@@ -392,7 +390,7 @@ def test_retention_from_the_config_never_deletes_the_latest_or_the_best(root: Pa
                                                  "keep_changes": True})
     wl.register_model(model)
     wl.register_optimizer(opt)
-    cfg = wl.register_hyperparams({"lr": 1e-3})
+    wl.register_hyperparams({"lr": 1e-3})
     losses = {1: 5.0, 2: 0.5, 3: 4.0, 4: 3.0, 5: 2.0, 6: 6.0, 7: 7.0}
     for s, loss in losses.items():
         step(model, opt)

@@ -8,13 +8,15 @@ can tell an orphan (its writer is dead) from a file another live process is stil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Iterator, Union
 
-__all__ = ["TEMP_PREFIX", "atomic_write", "fsync_dir", "make_dirs", "temp_path_for", "sweep_temp_files"]
+__all__ = ["TEMP_PREFIX", "atomic_path", "atomic_write", "fsync_dir", "make_dirs", "temp_path_for",
+           "sweep_temp_files"]
 
 TEMP_PREFIX = ".tmp."
 Buffer = Union[bytes, bytearray, memoryview]
@@ -61,23 +63,19 @@ def make_dirs(directory: Path) -> None:
         fsync_dir(d.parent)
 
 
-def atomic_write(path: Path, chunks: Buffer | Iterable[Buffer], *, sync_dir: bool = True) -> int:
-    """Write ``chunks`` to ``path`` atomically and durably; return the number of bytes written.
-
-    ``chunks`` may be one bytes-like object or an iterable of them (written in order without being
-    joined, so large tensor buffers are never copied).
-    """
+@contextlib.contextmanager
+def atomic_path(path: Path, *, synced: bool = False) -> Iterator[Path]:
+    """A temporary path to write the new content of ``path`` to, for writers that take a file name
+    (``torch.save``, safetensors). When the block ends, the file is fsynced (unless the block says
+    it did, ``synced=True``), renamed over ``path`` and the directory fsynced; if the block
+    raises, the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
-    if isinstance(chunks, (bytes, bytearray, memoryview)):
-        chunks = (chunks,)
     tmp = temp_path_for(path)
-    written = 0
     try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                written += f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        if not synced:
+            with open(tmp, "r+b") as f:  # a writable handle: fsync of a read-only one fails on Windows
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -85,8 +83,24 @@ def atomic_write(path: Path, chunks: Buffer | Iterable[Buffer], *, sync_dir: boo
         except FileNotFoundError:
             pass
         raise
-    if sync_dir:
-        fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, chunks: Buffer | Iterable[Buffer]) -> int:
+    """Write ``chunks`` to ``path`` atomically and durably; return the number of bytes written.
+
+    ``chunks`` may be one bytes-like object or an iterable of them (written in order without being
+    joined, so large tensor buffers are never copied).
+    """
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = (chunks,)
+    written = 0
+    with atomic_path(Path(path), synced=True) as tmp:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                written += f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
     return written
 
 

@@ -27,7 +27,7 @@ import torch
 
 from . import codec
 from ._version import __version__
-from .atomic import fsync_dir, make_dirs, temp_path_for
+from .atomic import atomic_path, make_dirs
 from .errors import CheckpointNotFoundError
 from .layout import is_experiment_hash
 from .manager import CheckpointManager
@@ -130,13 +130,9 @@ def load(ref: str | os.PathLike[str] = "latest", *, root: str | os.PathLike[str]
 # --- writing ----------------------------------------------------------------------------------
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Let ``write`` fill a temporary sibling of ``path``, then fsync it, rename it over ``path``
-    and fsync the directory: a crash leaves the old file or the new one, never a torn one.
-
-    ``write`` gets a path rather than a file object because safetensors writes by file name.
-    """
-    tmp = temp_path_for(path)
-    try:
+    """Let ``write`` fill a temporary sibling of ``path`` (safetensors and torch.save write by file
+    name), then commit it atomically: a crash leaves the old file or the new one, never a torn one."""
+    with atomic_path(path) as tmp:
         # Created here first to learn the mode a new file gets (0o666 minus the umask), without
         # touching the process-wide umask: safetensors writes through its own temporary file,
         # which is 0o600, and an exported file is meant to be shared.
@@ -146,16 +142,6 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         if os.stat(tmp).st_mode & 0o777 != mode:
             os.chmod(tmp, mode)
-        with open(tmp, "r+b") as f:  # a writable handle: fsync of a read-only one fails on Windows
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
 
 
 def _weights_only(value: Any) -> Any:
