@@ -555,3 +555,15 @@ def test_a_damaged_delta_anchor_is_named_when_the_delta_is_restored(root: Path) 
         system.resume(f"{h}@2")
     assert info.value.path == anchor_path and "delta base" in str(info.value)
     system.close()
+
+
+def test_latest_does_not_depend_on_file_times(tmp_path: Path) -> None:
+    """A root copied without its file times (cp, git checkout) still knows its newest checkpoint."""
+    root = tmp_path / "copied"
+    shutil.copytree(DATA / "root-v1", root, copy_function=shutil.copy)
+    manifests = sorted(root.rglob("*_step_*.json"), key=lambda p: json.loads(p.read_text())["created_ns"])
+    for age, path in enumerate(manifests):  # newest manifest gets the oldest file time
+        os.utime(path, ns=(10**18 - age * 10**12, 10**18 - age * 10**12))
+    manager = CheckpointManager(root)
+    assert [e.step for e in manager.checkpoints()] == [2, 3, 4]
+    assert manager.candidates("latest")[0].step == 4

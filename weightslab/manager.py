@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -61,12 +62,13 @@ class SaveRequest:
 
 @dataclass(frozen=True)
 class CheckpointEntry:
-    """A committed checkpoint found on disk (its manifest not yet read)."""
+    """A committed checkpoint found on disk (its manifest not fully read)."""
 
     experiment: str
     step: int
     path: Path
     mtime_ns: int
+    created_ns: int  # commit time recorded in the manifest: what "newest" means
 
     @property
     def ref(self) -> str:
@@ -102,6 +104,22 @@ def _relocated(ref: BlobRef, moved: Mapping[str, BlobRef]) -> BlobRef:
         if base is not ref.base:
             return dataclasses.replace(ref, base=base)
     return ref
+
+
+_CREATED_RE = re.compile(rb'"created_ns":\s*(\d+)')
+
+
+def _read_created_ns(path: Path) -> int:
+    """The commit time a manifest records, from its first bytes (the field is near the top); the
+    whole document only if it is not there. 0 for an unreadable manifest: reading it later raises."""
+    try:
+        with open(path, "rb") as f:
+            m = _CREATED_RE.search(f.read(1024))
+            if m:
+                return int(m.group(1))
+        return Manifest.read(path).created_ns
+    except (OSError, CorruptCheckpointError, ValueError):
+        return 0
 
 
 def _decode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,6 +161,7 @@ class CheckpointManager:
         self._anchors: dict[str, tuple[BlobRef, torch.Tensor, int]] = {}
         self._written_experiments: set[str] = set()
         self._records: dict[Path, tuple[int, CheckpointRecord | None]] = {}  # path -> (mtime, record)
+        self._created: dict[Path, tuple[int, int, int]] = {}  # path -> (mtime, size, created_ns)
         swept = sweep_temp_files(self.layout.temp_dirs())
         if swept:
             log.info("removed %d temporary files left by interrupted saves under %s", len(swept), self.root)
@@ -261,17 +280,26 @@ class CheckpointManager:
         return descendants(exp_hash, self.parents())
 
     def checkpoints(self, experiments: Iterable[str] | None = None) -> list[CheckpointEntry]:
-        """Committed checkpoints, oldest first (by commit time, then step)."""
+        """Committed checkpoints, oldest first (by the commit time recorded in each manifest, then
+        step; file times are not used: a copy or a git checkout of a root does not keep them)."""
         found = []
         for h in (self.experiments() if experiments is None else experiments):
             for step, path in self.layout.manifests(h):
-                try:
-                    mtime = path.stat().st_mtime_ns
-                except FileNotFoundError:  # removed meanwhile
-                    continue
-                found.append(CheckpointEntry(h, step, path, mtime))
-        found.sort(key=lambda e: (e.mtime_ns, e.step))
+                entry = self._entry(h, step, path)
+                if entry is not None:  # (None: removed meanwhile)
+                    found.append(entry)
+        found.sort(key=lambda e: (e.created_ns, e.step))
         return found
+
+    def _entry(self, exp_hash: str, step: int, path: Path) -> CheckpointEntry | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        cached = self._created.get(path)
+        if cached is None or cached[:2] != (st.st_mtime_ns, st.st_size):
+            cached = self._created[path] = (st.st_mtime_ns, st.st_size, _read_created_ns(path))
+        return CheckpointEntry(exp_hash, step, path, st.st_mtime_ns, cached[2])
 
     def _experiment_for(self, prefix: str) -> str:
         if is_experiment_hash(prefix):
@@ -318,7 +346,10 @@ class CheckpointManager:
             listing = ", ".join(map(str, steps[-10:])) if steps else "none"
             raise CheckpointNotFoundError(f"no checkpoint at step {parsed.step} of experiment {h}; its "
                                           f"checkpoints are at steps: {listing}")
-        return [CheckpointEntry(h, parsed.step, path, path.stat().st_mtime_ns)]
+        entry = self._entry(h, parsed.step, path)
+        if entry is None:
+            raise CheckpointNotFoundError(f"the checkpoint at step {parsed.step} of experiment {h} was just deleted")
+        return [entry]
 
     def _entry_for_path(self, path: Path) -> CheckpointEntry:
         path = path.expanduser()
@@ -333,7 +364,10 @@ class CheckpointManager:
         if parsed is None or not path.is_file():
             raise CheckpointNotFoundError(f"{path} is not a checkpoint manifest; expected a file named "
                                           "<hash>_step_<step>.json under checkpoints/<hash>/model/")
-        return CheckpointEntry(parsed[0], parsed[1], path, path.stat().st_mtime_ns)
+        entry = self._entry(parsed[0], parsed[1], path)
+        if entry is None:
+            raise CheckpointNotFoundError(f"{path} was just deleted")
+        return entry
 
     # --- reading ----------------------------------------------------------------------------
     def read_manifest(self, entry: CheckpointEntry | Path) -> Manifest:
