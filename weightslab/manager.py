@@ -194,6 +194,7 @@ class CheckpointManager:
         commit point). Returns the manifest and where each tensor is stored."""
         self.write_experiment(request.experiment)
         snap = request.snapshot
+        snap.wait_ready()  # copies from a GPU are asynchronous
         keys = list(snap.copies)
         blobs = [Blob(data=raw_bytes(t), dtype=dtype_tag(t.dtype, key=k), shape=tuple(t.shape),
                       itemsize=t.element_size(), base=self._delta_base(k, t))
@@ -212,7 +213,8 @@ class CheckpointManager:
             for key in keys:
                 ref = refs[key]
                 if ref.base is None:  # stored self-contained: the new anchor of this tensor
-                    self._anchors[key] = (ref, snap.copies[key], 0)
+                    # cloned: the snapshot's buffer is reused by the next snapshots
+                    self._anchors[key] = (ref, snap.copies[key].clone(), 0)
                 elif key in self._anchors and ref.base.digest == self._anchors[key][0].digest:
                     anchor, tensor, count = self._anchors[key]
                     self._anchors[key] = (anchor, tensor, count + 1)

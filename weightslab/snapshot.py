@@ -23,15 +23,15 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
 if TYPE_CHECKING:
     from .store import BlobRef
 
-__all__ = ["DTYPE_TAGS", "dtype_tag", "tag_dtype", "take", "raw_bytes", "empty_like_entry",
-           "Snapshot", "Snapshotter", "Signal", "Slot"]
+__all__ = ["DTYPE_TAGS", "dtype_tag", "tag_dtype", "take", "copies_done", "raw_bytes", "empty_like_entry",
+           "BufferPool", "Snapshot", "Snapshotter", "Signal", "Slot"]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,50 @@ def tag_dtype(tag: str) -> torch.dtype:
         raise ValueError(f"unknown tensor dtype {tag!r} in a checkpoint") from None
 
 
-def take(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy every tensor into a fresh contiguous CPU tensor; aliases share one copy."""
+class BufferPool:
+    """Host buffers reused from one snapshot to the next.
+
+    A copy into memory the process touched before runs at memory speed (about 18 GB/s here); a
+    copy into freshly allocated memory pays a page fault per 4 KiB page on the way (about 0.6 GB/s
+    here, 30 times slower), so fresh buffers at every save were most of what a save cost the
+    training loop. Buffers are leased to a snapshot and given back when the writer has stored it;
+    they are pinned when the source is on a GPU, so the copy is asynchronous.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[tuple[tuple[int, ...], torch.dtype, bool], list[torch.Tensor]] = {}
+
+    def lease(self, like: torch.Tensor) -> torch.Tensor:
+        pinned = like.device.type == "cuda" and torch.cuda.is_available()
+        key = (tuple(like.shape), like.dtype, pinned)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pinned)
+
+    def give_back(self, buffers: Iterable[torch.Tensor]) -> None:
+        with self._lock:
+            for buffer in buffers:
+                key = (tuple(buffer.shape), buffer.dtype, buffer.is_pinned())
+                self._free.setdefault(key, []).append(buffer)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by free buffers."""
+        with self._lock:
+            return sum(t.nbytes for free in self._free.values() for t in free)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+def take(tensors: Mapping[str, torch.Tensor], pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
+    """Copy every tensor into a contiguous CPU tensor (leased from ``pool`` when given); aliases
+    share one copy. Copies from a GPU are asynchronous: wait for :func:`copies_done` before
+    reading them."""
     copies: dict[str, torch.Tensor] = {}
     by_identity: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -75,12 +117,21 @@ def take(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if t.device.type != "meta" else None
         copy = by_identity.get(ident) if ident is not None else None
         if copy is None:
-            copy = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-            copy.copy_(t)
+            copy = pool.lease(t) if pool is not None else torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            copy.copy_(t, non_blocking=copy.is_pinned())
             if ident is not None:
                 by_identity[ident] = copy
         copies[key] = copy
     return copies
+
+
+def copies_done(tensors: Mapping[str, torch.Tensor]) -> Any:
+    """An event the writer waits on before reading copies made from a GPU (None if none were)."""
+    if torch.cuda.is_available() and any(t.is_cuda for t in tensors.values()):
+        event = torch.cuda.Event()
+        event.record()  # after the non-blocking copies queued on the current stream
+        return event
+    return None
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -118,15 +169,15 @@ class Signal:
     tensor: weakref.ref
     version: int
     layout: tuple
-    sample: torch.Tensor
+    sample: torch.Tensor | None  # None until the copy is complete (asynchronous GPU copies)
 
     @classmethod
-    def of(cls, live: torch.Tensor, copy: torch.Tensor) -> "Signal":
-        return cls(weakref.ref(live), live._version, _layout(live), _sample(copy))
+    def of(cls, live: torch.Tensor, copy: torch.Tensor | None) -> "Signal":
+        return cls(weakref.ref(live), live._version, _layout(live), _sample(copy) if copy is not None else None)
 
     def holds_for(self, live: torch.Tensor) -> bool:
-        return (self.tensor() is live and live._version == self.version and _layout(live) == self.layout
-                and torch.equal(_sample(live), self.sample))
+        return (self.sample is not None and self.tensor() is live and live._version == self.version
+                and _layout(live) == self.layout and torch.equal(_sample(live), self.sample))
 
 
 class Slot:
@@ -152,6 +203,12 @@ class Snapshot:
     reused: dict[str, Slot] = field(default_factory=dict)  # unchanged tensors: the slot of their last copy
     expected: dict[str, Slot] = field(default_factory=dict)  # full check: what the signal vouched for
     meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)  # every key
+    signals: dict[str, "Signal"] = field(default_factory=dict)  # for the copies
+    ready: Any = None  # a CUDA event to wait for before reading copies made from a GPU
+
+    def wait_ready(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
 
     @property
     def copied_bytes(self) -> int:
@@ -175,6 +232,7 @@ class Snapshotter:
         if full_check_every < 0:
             raise ValueError(f"full_check_every must be >= 0 (0: never), got {full_check_every}")
         self.full_check_every = full_check_every
+        self.pool = BufferPool()
         self._lock = threading.Lock()
         self._known: dict[str, tuple[Signal, Slot]] = {}
         self._distrusted: set[str] = set()
@@ -198,15 +256,21 @@ class Snapshotter:
                     continue
                 snap.expected[key] = entry[1]  # a full check: copy anyway, compare digests at commit
             to_copy[key] = tensor
-        snap.copies = take(to_copy)
+        snap.copies = take(to_copy, self.pool)
+        snap.ready = copies_done(to_copy)
         snap.slots = {k: Slot() for k in to_copy}
+        sync = snap.ready is None  # CPU copies are complete: sample them now; GPU ones at commit
+        snap.signals = {k: Signal.of(to_copy[k], snap.copies[k] if sync else None) for k in to_copy}
         with self._lock:
             for key in to_copy:
-                self._known[key] = (Signal.of(to_copy[key], snap.copies[key]), snap.slots[key])
+                self._known[key] = (snap.signals[key], snap.slots[key])
         return snap
 
     def committed(self, snap: Snapshot, refs: Mapping[str, "BlobRef"]) -> None:
         """The writer stored ``snap``: fill the slots of its copies with where they went."""
+        for key, signal in snap.signals.items():
+            if signal.sample is None:  # copied from a GPU: the copy is complete now
+                signal.sample = _sample(snap.copies[key])
         for key, slot in snap.slots.items():
             slot.ref = refs[key]
         for key, ref in refs.items():  # reused blobs the store found moved (gc rewrote their pack)
@@ -236,6 +300,11 @@ class Snapshotter:
                     slot = Slot()
                     slot.ref = ref
                     self._known[key] = (Signal.of(live, live.detach()), slot)
+
+    def release(self, snap: Snapshot) -> None:
+        """The writer is done with ``snap``: its buffers serve the next snapshots."""
+        self.pool.give_back({id(t): t for t in snap.copies.values()}.values())  # aliases once
+        snap.copies = {}
 
     def forget(self) -> None:
         """Forget every stored blob (copy everything at the next save)."""

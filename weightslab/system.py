@@ -569,8 +569,10 @@ class AutomaticCheckpointSystem:
             manifest, refs = self.manager.commit(request)
         except BaseException:
             self._snapshotter.failed(request.snapshot)  # later saves must copy what this one did not store
+            self._snapshotter.release(request.snapshot)
             raise
         self._snapshotter.committed(request.snapshot, refs)
+        self._snapshotter.release(request.snapshot)  # its buffers serve the next snapshots
         retention = self.config.retention
         if retention is not None and not retention.keeps_everything:
             try:
