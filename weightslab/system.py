@@ -22,6 +22,7 @@ import datetime as _dt
 import logging
 import os
 import platform
+import signal
 import sys
 import threading
 import time
@@ -45,6 +46,7 @@ from .ledger import LEDGER, Entry, Ledger
 from .manager import CheckpointEntry, CheckpointManager, SaveRequest
 from .manifest import Manifest
 from .refs import parse_ref
+from .preemption import PreemptionGuard, signal_numbers
 from .retention import Retention
 from .snapshot import Snapshotter
 from .triggers import SavePolicy
@@ -83,8 +85,20 @@ class CheckpointConfig:
     hook_optimizer: bool = True
     #: Take a final checkpoint at ``close()`` (and interpreter exit) if the last step has none.
     save_on_close: bool = True
-    #: Saves queued or being written at most; a further save waits for a slot.
+    #: Also save when this many seconds passed since the last save (checked at step boundaries).
+    every_seconds: float | None = None
+    #: Saves queued or being written at most (their snapshots are in host memory).
     max_pending_saves: int = 2
+    #: Bytes of snapshots in flight at most (None: bounded by max_pending_saves only).
+    max_pending_bytes: int | None = None
+    #: When the writer falls behind: ``"block"`` waits for room; ``"skip"`` drops the new save
+    #: with a warning (training never waits for the disk).
+    backpressure: str = "block"
+    #: Signals that mean "take a final checkpoint at the end of this step, then stop as you would
+    #: have" (a second signal stops at once). Empty: weightslab installs no signal handler.
+    preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGINT")
+    #: After a preemption signal, how long to wait for a step boundary before stopping without one.
+    preempt_timeout: float = 60.0
     #: Hyperparameter keys (bare names or dotted paths) that do not change the experiment, on top
     #: of ``weightslab.fingerprint.DEFAULT_EXCLUDED_KEYS``.
     exclude_keys: tuple[str, ...] = ()
@@ -118,6 +132,27 @@ class CheckpointConfig:
         if isinstance(self.max_pending_saves, bool) or not isinstance(self.max_pending_saves, int) \
                 or self.max_pending_saves < 1:
             raise ConfigError(f"max_pending_saves must be a positive integer, got {self.max_pending_saves!r}")
+        if self.max_pending_bytes is not None and (isinstance(self.max_pending_bytes, bool) or not isinstance(
+                self.max_pending_bytes, int) or self.max_pending_bytes < 1):
+            raise ConfigError(f"max_pending_bytes must be a positive integer or None, got {self.max_pending_bytes!r}")
+        if self.backpressure not in ("block", "skip"):
+            raise ConfigError(f"backpressure must be 'block' (wait for the writer) or 'skip' (drop the save), "
+                              f"got {self.backpressure!r}")
+        try:
+            SavePolicy(every_steps=self.checkpoint_frequency, every_seconds=self.every_seconds)
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("every_steps", "checkpoint_frequency")) from None
+        if isinstance(self.preempt_signals, str):
+            raise ConfigError(f"preempt_signals must be a list of signal names, not a string; write "
+                              f"preempt_signals=[{self.preempt_signals!r}]")
+        object.__setattr__(self, "preempt_signals", tuple(self.preempt_signals))
+        try:
+            signal_numbers(self.preempt_signals)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if isinstance(self.preempt_timeout, bool) or not isinstance(self.preempt_timeout, (int, float)) \
+                or self.preempt_timeout < 0:
+            raise ConfigError(f"preempt_timeout must be a number of seconds >= 0, got {self.preempt_timeout!r}")
         if isinstance(self.exclude_keys, str):
             raise ConfigError("exclude_keys must be a list of key names, not a single string; "
                               f"write exclude_keys=[{self.exclude_keys!r}]")
@@ -172,6 +207,13 @@ class _Deferred:
     reasons: tuple[str, ...]
     changes: tuple[dict[str, Any], ...]
     early: Mapping[str, Any]  # what state.capture_early took at the hook
+
+
+def signal_name(number: int | None) -> str:
+    try:
+        return signal.Signals(number).name if number is not None else "signal"
+    except ValueError:
+        return f"signal {number}"
 
 
 def _now() -> tuple[str, int]:
@@ -252,10 +294,10 @@ class AutomaticCheckpointSystem:
         except ImportError as exc:
             raise ConfigError(str(exc)) from exc
         self._snapshotter = Snapshotter(full_check_every=config.full_check_every)
-        self._policy = SavePolicy(every_steps=config.checkpoint_frequency)
+        self._policy = SavePolicy(every_steps=config.checkpoint_frequency, every_seconds=config.every_seconds)
         self._hasher = ExperimentHashGenerator(exclude_keys=config.exclude_keys)
         self._detector = ChangeDetector()
-        self._writer = Writer(max_pending=config.max_pending_saves)
+        self._writer = Writer(max_pending=config.max_pending_saves, max_pending_bytes=config.max_pending_bytes)
         self._lock = threading.RLock()
         self._run = uuid.uuid4().hex[:12]
         self._experiment: ExperimentRecord | None = None
@@ -271,6 +313,11 @@ class AutomaticCheckpointSystem:
         self._handles: dict[tuple[str, str], list[Any]] = {}
         self._warned: set[str] = set()
         self._closed = False
+        self._last_save_time = time.monotonic()  # for every_seconds: the run's start counts as a save
+        self._skipped = 0  # saves dropped by backpressure="skip"
+        self._guard = PreemptionGuard(signal_numbers(config.preempt_signals), timeout=config.preempt_timeout)
+        if config.preempt_signals and not self._guard.install():
+            log.info("the checkpoint system was created outside the main thread: no preemption signal handlers")
         self._detector.install()
         for kind in ("model", "optimizer", "dataloader"):
             for entry in ledger.entries(kind).values():
@@ -374,6 +421,7 @@ class AutomaticCheckpointSystem:
         if self._deferred is not None and not self._closed:
             with self._lock:
                 self._complete_deferred()
+            self._stop_if_preempted()
 
     def _complete_deferred(self) -> None:
         deferred, self._deferred = self._deferred, None
@@ -396,8 +444,10 @@ class AutomaticCheckpointSystem:
             forced = tuple(r for r in inherited.reasons if r != "step") if inherited else ()
             if first_explicit:
                 self._last_step = None  # implicit step counting does not constrain the loop's labels
-            return self._boundary(step, metrics=metrics, forced=forced,
-                                  forced_changes=inherited.changes if inherited else ())
+            saved = self._boundary(step, metrics=metrics, forced=forced,
+                                   forced_changes=inherited.changes if inherited else ())
+        self._stop_if_preempted()
+        return saved
 
     def checkpoint_on_model_change(self) -> bool:
         """Checkpoint now because the architecture changed (detected anyway at the next boundary)."""
@@ -417,7 +467,20 @@ class AutomaticCheckpointSystem:
     def _forced(self, event: str, change: dict[str, Any]) -> bool:
         with self._lock:
             step = self._last_step if self._last_step is not None else 0
-            return self._boundary(step, metrics=None, forced=(event,), forced_changes=(change,))
+            saved = self._boundary(step, metrics=None, forced=(event,), forced_changes=(change,))
+        self._stop_if_preempted()
+        return saved
+
+    def _stop_if_preempted(self) -> None:
+        """After a preemption signal: once the final checkpoint is durable, stop as the process would
+        have without weightslab (the user's handler, KeyboardInterrupt, or death by the signal)."""
+        if self._guard.pending is None or self._deferred is not None:
+            return  # (an implicit save is completed at the next forward first)
+        try:
+            self._writer.wait()
+        finally:
+            log.warning("final checkpoint after %s is durable; stopping", signal_name(self._guard.pending))
+            self._guard.deliver()
 
     # --- the step boundary ------------------------------------------------------------------
     def _boundary(self, step: int, *, metrics: dict[str, Any] | None, forced: tuple[str, ...],
@@ -454,9 +517,12 @@ class AutomaticCheckpointSystem:
                 changes += [c.to_json() for c in state_changes]
                 for c in state_changes:
                     log.info("step %d: %s", step, c)
+            if self._guard.pending is not None and "preempt" not in events:
+                events.append("preempt")
             self._last_step = step
             self._optimizer_ran = False
-            reasons = self._policy.reasons(step=step, events=events)
+            reasons = self._policy.reasons(step=step, events=events,
+                                           seconds_since_save=time.monotonic() - self._last_save_time)
             if not reasons:
                 return False
             if defer:
@@ -541,6 +607,9 @@ class AutomaticCheckpointSystem:
               early: Mapping[str, Any] | None = None) -> bool:
         assert self._experiment is not None
         ref = f"{self._experiment.hash}@{step}"
+        skipping = self.config.backpressure == "skip" and not self.config.strict and "preempt" not in reasons
+        if skipping and not self._writer.has_room():
+            return self._skip(ref)
         try:
             captured = _state.capture(self.ledger, step=step, early=early)
             snap = self._snapshotter.take(captured.tensors)
@@ -553,7 +622,12 @@ class AutomaticCheckpointSystem:
             experiment=self._experiment, step=step, reasons=reasons, changes=tuple(changes), metrics=metrics,
             tree=captured.tree, snapshot=snap, run=self._run, resumed_from=self._resumed_from,
             created=created, created_ns=created_ns, versions=_versions())
+        if skipping and not self._writer.has_room(snap.copied_bytes):
+            self._snapshotter.failed(snap)
+            self._snapshotter.release(snap)
+            return self._skip(ref)
         self._saved.add((self._experiment.hash, step))
+        self._last_save_time = time.monotonic()
         if self.config.strict:
             try:
                 self._commit(request)
@@ -561,8 +635,20 @@ class AutomaticCheckpointSystem:
                 raise CheckpointSaveError(f"checkpoint {ref} failed: {type(exc).__name__}: {exc}",
                                           errors=[exc]) from exc
         else:
-            self._writer.submit(ref, lambda: self._commit(request))
+            self._writer.submit(ref, lambda: self._commit(request), snap.copied_bytes)
         return True
+
+    def _skip(self, ref: str) -> bool:
+        self._skipped += 1
+        if self._skipped in (1, 10, 100) or self._skipped % 1000 == 0:
+            log.warning("checkpoint %s skipped: the writer is behind (backpressure='skip'; %d saves skipped so "
+                        "far). Save less often, or set backpressure='block' to wait for it", ref, self._skipped)
+        return False
+
+    @property
+    def skipped(self) -> int:
+        """Saves dropped because the writer was behind (``backpressure="skip"``)."""
+        return self._skipped
 
     def _commit(self, request: SaveRequest) -> Manifest:
         try:
@@ -639,6 +725,11 @@ class AutomaticCheckpointSystem:
                 atexit.unregister(self._atexit)
                 _forget(self)
         self._writer.close()
+        self._snapshotter.pool.clear()
+        pending = self._guard.pending
+        self._guard.uninstall()
+        if pending is not None and not crashed:  # the loop ended after a preemption signal: stop now
+            self._guard.deliver()
         self._raise_kept()
 
     def _final_save(self) -> None:

@@ -1,8 +1,10 @@
 """The background writer: one thread that makes snapshots durable, in order, off the training loop.
 
 The training thread hands over a job (a snapshot already copied, plus the function that commits
-it) and returns at once, unless ``max_pending`` jobs are already queued or running: then it waits
-for a slot, which bounds the memory that snapshots in flight can take. A job that fails is logged
+it) and returns at once, unless ``max_pending`` jobs (or ``max_pending_bytes`` of snapshots) are
+already queued or running: then it waits for room, which bounds the memory that snapshots in
+flight can take. A single job larger than ``max_pending_bytes`` is still admitted when nothing
+else is in flight, so a save can never wait forever. A job that fails is logged
 and kept; the writer goes on with the next job, and the kept errors are handed to whoever asks
 (``wait()``/``close()`` of the checkpoint system raise them).
 """
@@ -20,13 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class Writer:
-    def __init__(self, *, max_pending: int = 2, name: str = "weightslab-writer"):
+    def __init__(self, *, max_pending: int = 2, max_pending_bytes: int | None = None,
+                 name: str = "weightslab-writer"):
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        if max_pending_bytes is not None and max_pending_bytes < 1:
+            raise ValueError(f"max_pending_bytes must be at least 1 or None, got {max_pending_bytes}")
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self._bytes = 0
         self._name = name
         self._cond = threading.Condition()
-        self._jobs: collections.deque[tuple[str, Callable[[], Any]]] = collections.deque()
+        self._jobs: collections.deque[tuple[str, Callable[[], Any], int]] = collections.deque()
         self._running = 0
         self._errors: list[BaseException] = []
         self._thread: threading.Thread | None = None
@@ -38,16 +45,29 @@ class Writer:
         with self._cond:
             return len(self._jobs) + self._running
 
-    def submit(self, label: str, job: Callable[[], Any]) -> None:
-        """Queue ``job``; blocks while ``max_pending`` jobs are already in flight."""
+    def _fits(self, nbytes: int) -> bool:
+        in_flight = len(self._jobs) + self._running
+        if in_flight == 0:
+            return True
+        return in_flight < self.max_pending and (self.max_pending_bytes is None
+                                                 or self._bytes + nbytes <= self.max_pending_bytes)
+
+    def has_room(self, nbytes: int = 0) -> bool:
+        """Whether a job of ``nbytes`` would be accepted now without waiting."""
+        with self._cond:
+            return self._fits(nbytes)
+
+    def submit(self, label: str, job: Callable[[], Any], nbytes: int = 0) -> None:
+        """Queue ``job`` (holding ``nbytes`` of snapshot); blocks while there is no room."""
         with self._cond:
             if self._closed:
                 raise RuntimeError("the checkpoint writer is closed")
-            while len(self._jobs) + self._running >= self.max_pending:
+            while not self._fits(nbytes):
                 self._cond.wait()
                 if self._closed:  # closed while we waited: nobody would ever run this job
                     raise RuntimeError("the checkpoint writer was closed while this save waited for a slot")
-            self._jobs.append((label, job))
+            self._jobs.append((label, job, nbytes))
+            self._bytes += nbytes
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
@@ -60,7 +80,7 @@ class Writer:
                     self._cond.wait()
                 if not self._jobs:  # closed and drained
                     return
-                label, job = self._jobs.popleft()
+                label, job, nbytes = self._jobs.popleft()
                 self._running += 1
             try:
                 job()
@@ -72,6 +92,7 @@ class Writer:
             finally:
                 with self._cond:
                     self._running -= 1
+                    self._bytes -= nbytes
                     self._cond.notify_all()
 
     def keep(self, exc: BaseException) -> None:

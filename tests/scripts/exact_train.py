@@ -5,13 +5,17 @@ GradScaler and a custom registered state, so a resume that misses any of them ch
 The final state (parameters, optimizer, scheduler, scaler, custom state, next random draws) is
 written in a canonical byte form so two runs can be compared byte for byte.
 
---pause-at N: after step N, print READY and block on stdin (the test kills the process there).
+--pause-at N: after step N, print READY and block on stdin (the test kills or signals the process there).
 --implicit: never call checkpoint_on_step; rely on the optimizer hook.
+--every-seconds S: also save every S seconds (with --frequency 0: only on time).
+--user-handler: install a SIGTERM handler of the user's before weightslab; it prints and exits 3.
+--preempt-timeout S: seconds to wait for a step boundary after a preemption signal.
 """
 
 import argparse
 import json
 import random
+import signal
 import sys
 
 import numpy as np
@@ -29,7 +33,16 @@ parser.add_argument("--steps", type=int, default=40)
 parser.add_argument("--frequency", type=int, default=5)
 parser.add_argument("--pause-at", type=int, default=None)
 parser.add_argument("--implicit", action="store_true")
+parser.add_argument("--every-seconds", type=float, default=None)
+parser.add_argument("--user-handler", action="store_true")
+parser.add_argument("--preempt-timeout", type=float, default=60.0)
 args = parser.parse_args()
+
+if args.user_handler:
+    def on_term(number, frame):
+        print("USER HANDLER", flush=True)
+        sys.exit(3)
+    signal.signal(signal.SIGTERM, on_term)
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
@@ -44,7 +57,8 @@ scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.5)
 scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
 counter = {"seen": 0, "history": []}
 
-system = wl.get_checkpoint_system(root_log_dir=args.root, checkpoint_frequency=args.frequency)
+system = wl.get_checkpoint_system(root_log_dir=args.root, checkpoint_frequency=args.frequency or None,
+                                  every_seconds=args.every_seconds, preempt_timeout=args.preempt_timeout)
 wl.register_model("model", model)
 wl.register_optimizer("optimizer", optimizer)
 wl.register_scheduler("scheduler", scheduler)
