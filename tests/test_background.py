@@ -20,7 +20,7 @@ from weightslab import system as _system
 from weightslab.layout import Layout
 from weightslab.manager import CheckpointManager
 
-from .conftest import DETERMINISTIC_ENV, REPO, run_python
+from .conftest import DETERMINISTIC_ENV, REPO
 from .test_resume_exact import SCRIPT, _assert_same, _start_of, _train
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
