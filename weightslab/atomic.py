@@ -4,6 +4,10 @@ A file is written under a temporary name in its final directory, flushed, fsynce
 its final name, and the directory is fsynced, so a crash at any instant leaves either the old file
 or the new one, never a torn one. Temporary names carry the writer's pid so that a later process
 can tell an orphan (its writer is dead) from a file another live process is still writing.
+
+Every operation that changes files goes through :data:`DISK`, a narrow storage layer (open a new
+file, write, fsync, rename, fsync a directory, make a directory, remove): the one place a test
+replaces to make a chosen operation fail, and the seam for storage other than a local disk.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import BinaryIO, Iterable, Iterator, Union
 
-__all__ = ["TEMP_PREFIX", "atomic_path", "atomic_write", "fsync_dir", "make_dirs", "temp_path_for",
-           "sweep_temp_files"]
+__all__ = ["TEMP_PREFIX", "Disk", "DISK", "atomic_path", "atomic_write", "fsync_dir", "make_dirs", "remove",
+           "temp_path_for", "sweep_temp_files"]
 
 TEMP_PREFIX = ".tmp."
 Buffer = Union[bytes, bytearray, memoryview]
@@ -26,6 +30,44 @@ Buffer = Union[bytes, bytearray, memoryview]
 _ORPHAN_AGE_SECONDS = 24 * 3600
 
 
+class Disk:
+    """The file operations of a save, on the local filesystem."""
+
+    def create(self, path: Path) -> BinaryIO:
+        """A new file, open for writing (fails if it exists)."""
+        return open(path, "xb")
+
+    def write(self, f: BinaryIO, chunk: Buffer) -> int:
+        return f.write(chunk)
+
+    def fsync(self, f: BinaryIO) -> None:
+        f.flush()
+        os.fsync(f.fileno())
+
+    def replace(self, source: Path, target: Path) -> None:
+        os.replace(source, target)
+
+    def fsync_dir(self, directory: Path) -> None:
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:  # Windows cannot open directories; its renames are durable enough.
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def mkdir(self, directory: Path) -> None:
+        os.mkdir(directory)
+
+    def remove(self, path: Path) -> None:
+        os.unlink(path)
+
+
+#: The storage layer every write goes through (replaced by fault-injection tests).
+DISK = Disk()
+
+
 def temp_path_for(path: Path) -> Path:
     """A unique temporary sibling of ``path``: ``.tmp.<pid>.<random>.<name>``."""
     return path.parent / f"{TEMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:12]}.{path.name}"
@@ -33,14 +75,16 @@ def temp_path_for(path: Path) -> Path:
 
 def fsync_dir(directory: Path) -> None:
     """Make a rename or creation inside ``directory`` durable (a no-op where unsupported)."""
+    DISK.fsync_dir(Path(directory))
+
+
+def remove(path: Path) -> bool:
+    """Remove a file; False if it was already gone."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # Windows cannot open directories; its renames are durable enough.
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        DISK.remove(Path(path))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def make_dirs(directory: Path) -> None:
@@ -52,7 +96,7 @@ def make_dirs(directory: Path) -> None:
     for d in reversed([directory, *directory.parents]):
         if not d.exists():
             try:
-                d.mkdir()
+                DISK.mkdir(d)
             except FileExistsError:  # another thread or process made it meanwhile
                 continue
             created.append(d)
@@ -75,11 +119,11 @@ def atomic_path(path: Path, *, synced: bool = False) -> Iterator[Path]:
         yield tmp
         if not synced:
             with open(tmp, "r+b") as f:  # a writable handle: fsync of a read-only one fails on Windows
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+                DISK.fsync(f)
+        DISK.replace(tmp, path)
     except BaseException:
         try:
-            tmp.unlink()
+            os.unlink(tmp)  # not through DISK: cleaning up must work even on a failing disk
         except FileNotFoundError:
             pass
         raise
@@ -96,11 +140,10 @@ def atomic_write(path: Path, chunks: Buffer | Iterable[Buffer]) -> int:
         chunks = (chunks,)
     written = 0
     with atomic_path(Path(path), synced=True) as tmp:
-        with open(tmp, "wb") as f:
+        with DISK.create(tmp) as f:
             for chunk in chunks:
-                written += f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+                written += DISK.write(f, chunk)
+            DISK.fsync(f)
     return written
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from . import codec
-from .atomic import atomic_write, fsync_dir, make_dirs, sweep_temp_files
+from .atomic import atomic_write, fsync_dir, make_dirs, remove, sweep_temp_files
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .experiment import ExperimentRecord, descendants
 from .layout import Layout, is_experiment_hash
@@ -469,10 +469,7 @@ class CheckpointManager:
         touched = set()
         for record in plan.delete:
             path = self.layout.manifest(record.experiment, record.step)
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            remove(path)
             self._records.pop(path, None)
             touched.add(path.parent)
         for directory in touched:

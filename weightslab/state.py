@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from . import codec, rng
+from . import codec, data, rng
 from . import hyperparams as _hp
 from .errors import ArchitectureMismatchError, StateError
 from .ledger import Ledger
@@ -48,10 +48,7 @@ def capture_early(ledger: Ledger) -> dict[str, Any]:
     step (``scheduler.step()``, ``scaler.update()``) is only done at the next forward; these parts
     are taken at the hook, the rest at that forward.
     """
-    loaders = {}
-    for name, loader in ledger.objects("dataloader").items():
-        state_dict = getattr(loader, "state_dict", None)
-        loaders[name] = state_dict() if callable(state_dict) else None
+    loaders = {name: data.loader_state(loader) for name, loader in ledger.objects("dataloader").items()}
     return {"rng": rng.capture(), "dataloaders": loaders}
 
 
@@ -182,12 +179,11 @@ def restore(ledger: Ledger, tree: Mapping[str, Any], tensors: Mapping[str, torch
     for name, entry, saved in pair("dataloaders", "dataloader"):
         if saved is None:
             continue
-        load = getattr(entry.obj, "load_state_dict", None)
-        if callable(load):
-            load(dec(saved))
+        if data.restore_loader(entry.obj, dec(saved)):
             report.restored.append(f"dataloader {name!r}")
         else:
-            log.warning("dataloader %r has no load_state_dict(); its saved position was not restored", name)
+            log.warning("dataloader %r cannot take back its saved position (no load_state_dict()); it restarts "
+                        "its epoch", name)
     for name, entry, saved in pair("custom", "state"):
         entry.setter(dec(saved))
         report.restored.append(f"custom state {name!r}")

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 from . import encoding as _encoding
-from .atomic import atomic_write, fsync_dir, make_dirs
+from .atomic import atomic_write, fsync_dir, make_dirs, remove
 from .errors import CorruptCheckpointError
 from .layout import PACK_SUFFIX, Layout
 
@@ -571,10 +571,7 @@ class BlobStore:
         return self.index.packs()
 
     def delete_pack(self, info: PackInfo) -> None:
-        try:
-            info.path.unlink()
-        except FileNotFoundError:
-            pass
+        remove(info.path)
         fsync_dir(info.path.parent)
         self.index.forget_pack(info.pack)
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import codec
+from . import codec, data
 from . import hyperparams as _hp
 from . import state as _state
 from .change import ChangeDetector, StateChange
@@ -375,12 +375,11 @@ class AutomaticCheckpointSystem:
 
     def _attach(self, entry: Entry) -> None:
         key = (entry.kind, entry.name)
-        if entry.kind == "dataloader" and not callable(getattr(entry.obj, "state_dict", None)):
-            self._warn_once(f"loader:{entry.name}",
-                            "dataloader %r has no state_dict(): checkpoints do not hold its position, so a "
-                            "resumed run restarts its current epoch from the beginning. Use a loader with "
-                            "state_dict()/load_state_dict() (for instance torchdata's StatefulDataLoader) "
-                            "for an exact mid-epoch resume.", entry.name)
+        if entry.kind == "dataloader":
+            problem = data.make_resumable(entry.obj, name=entry.name)
+            if problem is not None:
+                self._warn_once(f"loader:{entry.name}", "%s. A resumed run restarts that loader's epoch, so it is "
+                                "not exact.", problem)
         if not self.config.hook_optimizer:
             return
         if entry.kind == "optimizer":
@@ -393,6 +392,8 @@ class AutomaticCheckpointSystem:
     def _detach(self, entry: Entry) -> None:
         for handle in self._handles.pop((entry.kind, entry.name), []):
             handle.remove()
+        if entry.kind == "dataloader":
+            data.undo_resumable(entry.obj)
 
     def _on_optimizer_pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._optimizer_ran = True

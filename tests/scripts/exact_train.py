@@ -10,6 +10,8 @@ written in a canonical byte form so two runs can be compared byte for byte.
 --every-seconds S: also save every S seconds (with --frequency 0: only on time).
 --user-handler: install a SIGTERM handler of the user's before weightslab; it prints and exits 3.
 --preempt-timeout S: seconds to wait for a step boundary after a preemption signal.
+--loader: batches come from a registered DataLoader(shuffle=True, num_workers=--workers), epochs
+          of 8 batches, so kills land mid-epoch; --two-models adds a second model and optimizer.
 """
 
 import argparse
@@ -36,6 +38,9 @@ parser.add_argument("--implicit", action="store_true")
 parser.add_argument("--every-seconds", type=float, default=None)
 parser.add_argument("--user-handler", action="store_true")
 parser.add_argument("--preempt-timeout", type=float, default=60.0)
+parser.add_argument("--loader", action="store_true")
+parser.add_argument("--workers", type=int, default=2)
+parser.add_argument("--two-models", action="store_true")
 args = parser.parse_args()
 
 if args.user_handler:
@@ -65,13 +70,32 @@ wl.register_scheduler("scheduler", scheduler)
 wl.register_scaler("scaler", scaler)
 wl.register_hyperparams("config", {"lr": 1e-2, "hidden": 32, "dropout": [0.2, 0.1]})
 wl.register_state("counter", lambda: counter, lambda s: counter.update(s))
+if args.two_models:
+    critic = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    critic_opt = torch.optim.SGD(critic.parameters(), lr=0.05, momentum=0.9)
+    wl.register_model("critic", critic)
+    wl.register_optimizer("critic_opt", critic_opt)
+if args.loader:
+    g = torch.Generator().manual_seed(7)
+    dataset = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, num_workers=args.workers)
+    wl.register_dataloader("train", loader)
+
+
+def batches():
+    """Endless batches: from the loader, epoch after epoch, or drawn from the global generator."""
+    while True:
+        if args.loader:
+            yield from loader
+        else:
+            yield torch.randn(16, 8), torch.randint(0, 4, (16,))
 
 start = system.resume()
 print("START", start, flush=True)
 
+data_iter = batches()
 for step in range(start + 1, args.steps + 1):
-    x = torch.randn(16, 8)
-    y = torch.randint(0, 4, (16,))
+    x, y = next(data_iter)
     noise = 1.0 + 0.01 * float(np.random.normal()) + 0.01 * random.random()
     loss = F.cross_entropy(model(x), y) * noise
     optimizer.zero_grad(set_to_none=True)
@@ -79,6 +103,11 @@ for step in range(start + 1, args.steps + 1):
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
+    if args.two_models:
+        critic_loss = (critic(model(x).detach()) - y.float().unsqueeze(1)).pow(2).mean()
+        critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        critic_opt.step()
     counter["seen"] += 16
     counter["history"].append(round(loss.item(), 6))
     if not args.implicit:
@@ -96,6 +125,13 @@ for pid, s in optimizer.state_dict()["state"].items():
     for k, v in s.items():
         tensors[f"optim/{pid}/{k}"] = v.detach().reshape(-1).contiguous()
 tensors["draw/torch"] = torch.rand(8)
+if args.two_models:
+    tensors.update({f"critic/{k}": v.detach().contiguous() for k, v in critic.state_dict().items()})
+    for pid, s in critic_opt.state_dict()["state"].items():
+        for k, v in s.items():
+            tensors[f"critic_optim/{pid}/{k}"] = v.detach().reshape(-1).contiguous()
+if args.loader:
+    tensors["draw/next_batch"] = next(data_iter)[0]  # the loader's next batch is the same too
 save_file(tensors, args.out + ".safetensors")
 with open(args.out + ".json", "w") as f:
     json.dump({
