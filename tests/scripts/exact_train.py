@@ -12,6 +12,8 @@ written in a canonical byte form so two runs can be compared byte for byte.
 --preempt-timeout S: seconds to wait for a step boundary after a preemption signal.
 --loader: batches come from a registered DataLoader(shuffle=True, num_workers=--workers), epochs
           of 8 batches, so kills land mid-epoch; --two-models adds a second model and optimizer.
+--ballast MB: a registered buffer of that size changed at every step, so every save writes it and
+          takes long enough for kills to land in the middle of writes.
 """
 
 import argparse
@@ -41,6 +43,7 @@ parser.add_argument("--preempt-timeout", type=float, default=60.0)
 parser.add_argument("--loader", action="store_true")
 parser.add_argument("--workers", type=int, default=2)
 parser.add_argument("--two-models", action="store_true")
+parser.add_argument("--ballast", type=float, default=0.0)
 args = parser.parse_args()
 
 if args.user_handler:
@@ -75,6 +78,10 @@ if args.two_models:
     critic_opt = torch.optim.SGD(critic.parameters(), lr=0.05, momentum=0.9)
     wl.register_model("critic", critic)
     wl.register_optimizer("critic_opt", critic_opt)
+if args.ballast:
+    ballast = nn.Module()
+    ballast.register_buffer("weight", torch.zeros(int(args.ballast * 2**20 / 4)))
+    wl.register_model("ballast", ballast)
 if args.loader:
     g = torch.Generator().manual_seed(7)
     dataset = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
@@ -108,6 +115,8 @@ for step in range(start + 1, args.steps + 1):
         critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         critic_opt.step()
+    if args.ballast:
+        ballast.weight.add_(1.0)
     counter["seen"] += 16
     counter["history"].append(round(loss.item(), 6))
     if not args.implicit:
