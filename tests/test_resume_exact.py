@@ -128,3 +128,15 @@ def test_implicit_checkpoints_from_the_optimizer_hook_resume_exactly(tmp_path: P
     assert _start_of(stdout) == 15
     _assert_same(straight_implicit, out)
     _assert_same(straight, out)  # implicit and explicit boundaries hold the same state
+
+
+def test_killed_mid_epoch_with_loader_workers_and_two_models_resumes_exactly(tmp_path: Path) -> None:
+    args = ["--loader", "--workers", "2", "--two-models"]
+    straight = tmp_path / "straight"
+    _train(tmp_path / "r0", straight, *args)
+    root, out = tmp_path / "root", tmp_path / "final"
+    _kill_when(_spawn(root, out, *args, "--pause-at", "21"), "READY")  # epoch 2, batch 5 of 8
+    assert _assert_root_consistent(root)[-1] == 20
+    stdout = _train(root, out, *args)
+    assert _start_of(stdout) == 20
+    _assert_same(straight, out)

@@ -99,6 +99,10 @@ class CheckpointConfig:
     preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGINT")
     #: After a preemption signal, how long to wait for a step boundary before stopping without one.
     preempt_timeout: float = 60.0
+    #: ``"auto"``: resume from the latest checkpoint of this run's lineage by itself, before the
+    #: first forward or step boundary (read ``system.start_step`` for the step); ``"never"``: start
+    #: fresh even if checkpoints exist; None: resume when ``system.resume()`` is called.
+    resume: str | None = None
     #: Hyperparameter keys (bare names or dotted paths) that do not change the experiment, on top
     #: of ``weightslab.fingerprint.DEFAULT_EXCLUDED_KEYS``.
     exclude_keys: tuple[str, ...] = ()
@@ -153,6 +157,9 @@ class CheckpointConfig:
         if isinstance(self.preempt_timeout, bool) or not isinstance(self.preempt_timeout, (int, float)) \
                 or self.preempt_timeout < 0:
             raise ConfigError(f"preempt_timeout must be a number of seconds >= 0, got {self.preempt_timeout!r}")
+        if self.resume not in (None, "auto", "never"):
+            raise ConfigError(f"resume must be 'auto', 'never' or None (resume when system.resume() is called), "
+                              f"got {self.resume!r}")
         if isinstance(self.exclude_keys, str):
             raise ConfigError("exclude_keys must be a list of key names, not a single string; "
                               f"write exclude_keys=[{self.exclude_keys!r}]")
@@ -315,6 +322,8 @@ class AutomaticCheckpointSystem:
         self._closed = False
         self._last_save_time = time.monotonic()  # for every_seconds: the run's start counts as a save
         self._skipped = 0  # saves dropped by backpressure="skip"
+        self._auto_resume_due = config.resume == "auto"
+        self._start_step = 0  # the step the run resumed from (0: fresh)
         self._guard = PreemptionGuard(signal_numbers(config.preempt_signals), timeout=config.preempt_timeout)
         if config.preempt_signals and not self._guard.install():
             log.info("the checkpoint system was created outside the main thread: no preemption signal handlers")
@@ -356,6 +365,23 @@ class AutomaticCheckpointSystem:
     @property
     def has_saved(self) -> bool:
         return bool(self._saved)
+
+    @property
+    def start_step(self) -> int:
+        """The step this run resumed from, 0 for a fresh run. With ``resume="auto"``, reading it
+        resumes now if that has not happened yet (register everything first)."""
+        if self._auto_resume_due:
+            self._auto_resume()
+        return self._start_step
+
+    def _auto_resume(self) -> None:
+        with self._lock:
+            if not self._auto_resume_due:
+                return
+            self._auto_resume_due = False
+            step = self.resume("latest")
+            if step:
+                log.info("resume='auto': continuing from %s", self._resumed_from)
 
     # --- ledger events and hooks ------------------------------------------------------------
     def _on_ledger(self, event: str, entry: Entry, previous: Entry | None) -> None:
@@ -419,6 +445,8 @@ class AutomaticCheckpointSystem:
         return [k for k in self._handles if k[0] == kind]
 
     def _on_forward(self, module: Any, args: Any) -> None:
+        if self._auto_resume_due:
+            self._auto_resume()
         if self._deferred is not None and not self._closed:
             with self._lock:
                 self._complete_deferred()
@@ -486,6 +514,13 @@ class AutomaticCheckpointSystem:
     # --- the step boundary ------------------------------------------------------------------
     def _boundary(self, step: int, *, metrics: dict[str, Any] | None, forced: tuple[str, ...],
                   forced_changes: tuple[dict[str, Any], ...], defer: bool = False) -> bool:
+        if self._auto_resume_due:
+            self._auto_resume()
+            if self._start_step and step <= self._start_step and not forced:
+                self._warn_once("auto-resume-labels",
+                                "the run resumed at step %d (resume='auto'), but the loop passed step %d: start the "
+                                "loop at system.start_step + 1 so checkpoints are labelled with the right step",
+                                self._start_step, step)
         with self._lock:
             self._check_open()
             self._complete_deferred()
@@ -596,7 +631,10 @@ class AutomaticCheckpointSystem:
         resumed_here = self._resumed_from is not None and self._resumed_from.startswith(fp.hash + "@")
         if not resumed_here:
             earlier = [e for e in self.manager.checkpoints([fp.hash]) if (fp.hash, e.step) not in self._saved]
-            if earlier:
+            if earlier and self.config.resume == "never":
+                log.info("resume='never': experiment %s holds %d checkpoints of earlier runs; this run starts fresh "
+                         "and replaces those of the same steps", fp.hash, len(earlier))
+            elif earlier:
                 self._warn_once(f"earlier:{fp.hash}",
                                 "experiment %s already holds %d checkpoints (up to step %d) from an earlier run "
                                 "that this run did not resume; checkpoints this run takes at the same steps will "
@@ -819,9 +857,10 @@ class AutomaticCheckpointSystem:
         with self._lock:
             self._check_open()
             self._writer.wait()
+            self._auto_resume_due = False  # resumed (or chose not to) explicitly: no automatic resume
             entries, may_fall_back = self._candidates(ref)
             if not entries:
-                log.info("no checkpoint to resume under %s; starting fresh", self.root)
+                self._start_fresh()
                 return 0
             damaged: list[str] = []
             for entry in entries:
@@ -847,9 +886,57 @@ class AutomaticCheckpointSystem:
                 log.warning("resume from %s: the checkpoint holds %s, which is not registered here; not restored",
                             manifest.ref, what)
             self._adopt(manifest)
+            self._start_step = manifest.step
             log.info("resumed %s (step %d, %s) from %s", manifest.ref, manifest.step,
                      ", ".join(report.restored) or "nothing registered", entry.path)
+            self._warn_if_not_reproducible()
             return manifest.step
+
+    def _start_fresh(self) -> None:
+        """Nothing to resume in this run's lineage. If the root holds a run of the same architecture
+        or the same hyperparameters, this is a restart with changes: record it as the parent."""
+        models, hparams = self.ledger.objects("model"), self.ledger.objects("hyperparams")
+        if not models and not hparams:
+            log.info("no checkpoint to resume under %s; starting fresh", self.root)
+            return
+        fp = self._hasher.fingerprint(models, hparams)
+        related = None
+        for entry in reversed(self.manager.checkpoints()):
+            try:
+                record = self.manager.read_experiment(entry.experiment)
+            except WeightslabError:
+                continue
+            if record is not None and (record.architecture_digest == fp.architecture_digest
+                                       or record.hyperparams_digest == fp.hyperparams_digest):
+                related = (record, entry)
+                break
+        if related is None:
+            log.info("no checkpoint of experiment %s (nor of a run of the same architecture or hyperparameters) "
+                     "under %s; starting fresh", fp.hash, self.root)
+            return
+        record, entry = related
+        lines = diff_architecture(record.architecture, fp.architecture) + \
+            diff_hyperparams(dict(record.hyperparams), fp.hyperparams)
+        self._detector.track(models, hparams)
+        self._open_experiment(fp, parent=Parent(record.hash, entry.step, "restart_with_changes", tuple(lines)))
+        log.warning("this run differs from the latest related run %s (%s): not resuming it; starting a new "
+                    "experiment %s with that run as its parent. To continue its weights with the new settings, "
+                    "call system.resume(%r)", entry.ref, "; ".join(lines) or "no readable difference", fp.hash,
+                    entry.ref)
+
+    def _warn_if_not_reproducible(self) -> None:
+        """Exactness needs a reproducible process; say once what is missing, and what to do."""
+        problems = []
+        if any(p.is_cuda for m in self.ledger.objects("model").values() for p in m.parameters()) and \
+                not torch.are_deterministic_algorithms_enabled():
+            problems.append("models run on CUDA without torch.use_deterministic_algorithms(True) (and "
+                            "CUBLAS_WORKSPACE_CONFIG=:4096:8): nondeterministic kernels make every run differ")
+        if torch.backends.mkl.is_available() and "MKL_CBWR" not in os.environ:
+            problems.append("MKL_CBWR is not set: on this CPU two runs of the same seeded training can differ; set "
+                            "MKL_CBWR=AVX2,STRICT before importing torch and torch.set_num_threads(1)")
+        if problems:
+            self._warn_once("reproducible", "resumed, but this process is not set up to continue bit for bit: %s "
+                            "(guides/exactness.md)", "; ".join(problems))
 
     def _learn_restored(self, manifest: Manifest, loaded: Mapping[str, torch.Tensor]) -> None:
         """The models and optimizers now hold exactly the restored blobs: the next save reuses them
