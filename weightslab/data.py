@@ -136,12 +136,24 @@ class _Tracker:
         self.generator_at_epoch_start = loader.generator.get_state() if loader.generator is not None else None
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-            self.sampler.start = batches * (loader.batch_size or 1)
+            self.sampler.start = batches * _samples_per_batch(loader)
 
     def state(self, loader: DataLoader) -> dict[str, Any]:
-        return {"kind": "weightslab.loader", "epoch": self.epoch, "batches": self.batches,
-                "generator": self.generator_at_epoch_start,  # to start this epoch again, mid-way
-                "generator_now": loader.generator.get_state() if loader.generator is not None else None}
+        if self.resume is not None:  # restored, not iterated yet: still where the checkpoint was
+            epoch, batches, generator = self.resume
+        else:
+            epoch, batches, generator = self.epoch, self.batches, self.generator_at_epoch_start
+        return {"kind": "weightslab.loader", "epoch": epoch, "batches": batches,
+                "generator": generator,  # to start this epoch again, mid-way
+                "generator_now": loader.generator.get_state() if loader.generator is not None else None,
+                "seed": self.sampler.seed if self.sampler is not None else None}
+
+
+def _samples_per_batch(loader: DataLoader) -> int:
+    if loader.batch_size is not None:
+        return loader.batch_size
+    batch_sampler = loader.batch_sampler
+    return int(getattr(batch_sampler, "batch_size", 1) or 1)  # DataLoader(batch_sampler=...): batch_size is None
 
 
 def _resumable_class(cls: type) -> type:
@@ -181,8 +193,9 @@ def make_resumable(loader: Any, *, name: str = "main") -> str | None:
         sampler = inner
     elif type(inner) in (RandomSampler, SequentialSampler) and not (
             isinstance(inner, RandomSampler) and (inner.replacement or inner._num_samples is not None)):
-        sampler = ResumableSampler(len(loader.dataset), shuffle=isinstance(inner, RandomSampler),
-                                   seed=torch.initial_seed())
+        # The user's generator, if they gave one, decides the order, as it did before registration.
+        seed = loader.generator.initial_seed() if loader.generator is not None else torch.initial_seed()
+        sampler = ResumableSampler(len(loader.dataset), shuffle=isinstance(inner, RandomSampler), seed=seed)
         original["sampler"] = loader.sampler
         if isinstance(index_sampler, BatchSampler):
             original["batch_sampler_sampler"] = index_sampler.sampler
@@ -250,6 +263,11 @@ def restore_loader(loader: Any, state: Any) -> bool:
     tracker = getattr(loader, "__dict__", {}).get("_weightslab_tracker")
     if tracker is not None and isinstance(state, Mapping) and state.get("kind") == "weightslab.loader":
         epoch, batches = int(state["epoch"]), int(state["batches"])
+        if tracker.sampler is not None and state.get("seed") is not None:
+            tracker.sampler.seed = int(state["seed"])  # the saved run's permutations, whatever seeds this one
+        if tracker.sampler is None and "sampler" in state:  # a custom stateful sampler
+            inner = loader.batch_sampler.sampler if isinstance(loader.batch_sampler, BatchSampler) else loader.sampler
+            inner.load_state_dict(state["sampler"])
         if epoch < 0:  # saved before the first iteration
             tracker.epoch, tracker.batches, tracker.resume = -1, 0, None
             return True
@@ -259,9 +277,6 @@ def restore_loader(loader: Any, state: Any) -> bool:
                 loader.generator.set_state(state["generator_now"])
             return True
         tracker.resume = (epoch, batches, state.get("generator"))
-        if tracker.sampler is None and "sampler" in state:
-            inner = loader.batch_sampler.sampler if isinstance(loader.batch_sampler, BatchSampler) else loader.sampler
-            inner.load_state_dict(state["sampler"])
         return True
     load = getattr(loader, "load_state_dict", None)
     if callable(load) and state is not None:
