@@ -250,8 +250,11 @@ def test_the_exit_checkpoint_resumes_exactly(tmp_path: Path) -> None:
 
 def _spawn(root: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, **DETERMINISTIC_ENV, "PYTHONPATH": str(REPO)}
+    # A shell that starts the tests in the background ignores SIGINT, and children inherit that
+    # (Python then installs no KeyboardInterrupt handler): give the child the default disposition.
     return subprocess.Popen([sys.executable, str(SCRIPT), str(root), str(out), *extra], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _until(proc: subprocess.Popen[str], marker: str) -> None:

@@ -9,28 +9,114 @@ values back into the same object, so every reference the training script holds s
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime as _dt
 import enum
 import logging
 import os
+import threading
 import types
 from pathlib import Path, PurePath
-from typing import Any, Mapping, MutableMapping
+from typing import Any, Iterator, Mapping, MutableMapping
 
 import yaml
 
 from .errors import HyperparamsError, RegistrationError
 
-__all__ = ["load_yaml", "resolve", "to_plain", "signature", "restore_in_place"]
+__all__ = ["LiveConfig", "Marks", "load_yaml", "parse_yaml", "resolve", "to_plain", "signature", "restore_in_place"]
 
 log = logging.getLogger(__name__)
 
 _SCALARS = (type(None), bool, int, float, str)
 
 
+#: Where each value of a YAML file was written: key path -> (line, the scalar's text as written).
+Marks = dict[tuple[Any, ...], tuple[int, str | None]]
+
+
+class LiveConfig(MutableMapping[str, Any]):
+    """The live hyperparameters of a YAML file: a mapping whose whole content is replaced in one step.
+
+    Reads go through the object (``config["optimizer"]["lr"]``), so a reload, which builds the
+    new values apart and then swaps them in with one reference assignment, is never seen half
+    done. Writes by the run (``config["steps"] = 10``) go into the current values and are carried
+    into every later version.
+    """
+
+    def __init__(self, values: Mapping[str, Any] | None = None):
+        self._lock = threading.Lock()
+        self._data: dict[str, Any] = dict(values or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        with self._lock:
+            del self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+    def copy(self) -> dict[str, Any]:
+        """A deep, independent copy of the current values."""
+        with self._lock:
+            return copy.deepcopy(self._data)
+
+    def swap(self, values: dict[str, Any]) -> None:
+        """Replace every value at once (``values`` becomes the content; do not keep using it)."""
+        with self._lock:
+            self._data = values
+
+
+def parse_yaml(text: str, *, where: str) -> tuple[Any, Marks]:
+    """Parse YAML text with ``yaml.safe_load``'s rules; also return where each value was written.
+
+    Raises :class:`HyperparamsError` naming ``where`` and the line for text that does not parse.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{where}, line {mark.line + 1}, column {mark.column + 1}" if mark else where
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise HyperparamsError(f"{at}: the YAML does not parse ({problem}); fix the file") from None
+    finally:
+        loader.dispose()
+    marks: Marks = {}
+    if node is not None:
+        _marks(node, data, (), marks)
+    return data, marks
+
+
+def _marks(node: yaml.Node, value: Any, path: tuple[Any, ...], out: Marks) -> None:
+    raw = node.value if isinstance(node, yaml.ScalarNode) else None
+    out[path] = (node.start_mark.line + 1, raw)
+    if isinstance(node, yaml.MappingNode) and isinstance(value, dict):
+        by_text = {str(k): k for k in value}
+        for key_node, value_node in node.value:
+            key = by_text.get(str(key_node.value)) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None:
+                _marks(value_node, value[key], path + (key,), out)
+    elif isinstance(node, yaml.SequenceNode) and isinstance(value, list):
+        for i, (item_node, item) in enumerate(zip(node.value, value)):
+            _marks(item_node, item, path + (i,), out)
+
+
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load`` (never constructs arbitrary objects)."""
+    """Read a YAML mapping with ``yaml.safe_load``'s rules (never constructs arbitrary objects)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -39,13 +125,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
                                f"(relative paths are taken from {Path.cwd()})") from None
     except UnicodeDecodeError as exc:
         raise HyperparamsError(f"hyperparameter file {path} is not UTF-8 text ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise HyperparamsError(f"{where}: the YAML does not parse ({problem}); fix the file") from None
+    data, _ = parse_yaml(text, where=str(path))
     if data is None:
         log.warning("hyperparameter file %s is empty; registering no hyperparameters", path)
         return {}
@@ -60,7 +140,7 @@ def resolve(obj: Any, *, name: str = "main") -> tuple[Any, Path | None]:
     """The live object to track for ``obj``, and the YAML file it came from (if any)."""
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj).expanduser().absolute()
-        return load_yaml(path), path
+        return LiveConfig(load_yaml(path)), path
     if isinstance(obj, type):
         raise RegistrationError(f"register_hyperparams({name!r}, ...) got the class {obj.__name__}; pass an "
                                 f"instance, for instance {obj.__name__}()")
@@ -136,6 +216,9 @@ def restore_in_place(obj: Any, values: Mapping[str, Any], *, name: str) -> None:
 
     Nested dicts are updated in place too, so references the script holds into them stay valid.
     """
+    if isinstance(obj, LiveConfig):
+        obj.swap(copy.deepcopy(dict(values)))  # all at once, like a reload
+        return
     if isinstance(obj, MutableMapping):
         _update_mapping(obj, values)
         return

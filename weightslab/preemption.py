@@ -88,10 +88,13 @@ class PreemptionGuard:
         log.warning("%s received: weightslab takes a final checkpoint at the end of this step, then lets the "
                     "process stop (send %s again to stop at once)", name, name)
         if self.timeout > 0:
-            self._timer = threading.Timer(self.timeout, self._watchdog, args=(number,))
-            self._timer.daemon = True
-            self._timer.name = "weightslab-preemption"
-            self._timer.start()
+            timer = threading.Timer(self.timeout, self._watchdog, args=(number,))
+            timer.daemon = True
+            timer.name = "weightslab-preemption"
+            # Start it before publishing it: a second signal can run its handler in the middle of
+            # start(), and deliver() must not find (and try to join) a thread not yet started.
+            timer.start()
+            self._timer = timer
 
     def _watchdog(self, number: int) -> None:
         with self._lock:
@@ -106,7 +109,7 @@ class PreemptionGuard:
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
-            if timer is not threading.current_thread():
+            if timer is not threading.current_thread() and timer.ident is not None:
                 timer.join()
 
     def deliver(self) -> None:

@@ -36,7 +36,9 @@ import torch
 from . import codec, data
 from . import hyperparams as _hp
 from . import state as _state
+from .binding import OptimizerBinding
 from .change import ChangeDetector, StateChange
+from .configfile import WATCH_MODES, ConfigFile
 from .errors import (CheckpointNotFoundError, CheckpointSaveError, ConfigError, CorruptCheckpointError, HyperparamsError,
                      InvalidMetricsError, InvalidStepError, WeightslabError)
 from .experiment import ExperimentRecord, Parent
@@ -121,6 +123,12 @@ class CheckpointConfig:
     #: ``{"keep_last": 5, "keep_best": 1, "metric": "val_loss"}``. None keeps everything. The
     #: latest and the best are never deleted; ``wl.gc()`` reclaims the space.
     retention: Retention | None = None
+    #: How a hyperparameter file registered by path is watched for edits, applied at the next
+    #: step boundary: ``"auto"`` (file-system events), ``"poll"`` (network filesystems), ``"off"``.
+    watch_files: str = "auto"
+    #: Hyperparameter paths bound to optimizer settings, besides ``optimizer.<key>``:
+    #: ``{"train.learning_rate": "lr"}`` (every optimizer) or ``{"gan.d_lr": "discriminator.lr"}``.
+    optimizer_keys: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.root_log_dir, (str, os.PathLike)):
@@ -182,6 +190,15 @@ class CheckpointConfig:
         elif self.retention is not None and not isinstance(self.retention, Retention):
             raise ConfigError(f"retention must be a weightslab.retention.Retention, a dict of its settings or None, "
                               f"got {type(self.retention).__name__}")
+        if self.watch_files not in WATCH_MODES:
+            raise ConfigError(f"watch_files must be one of {', '.join(map(repr, WATCH_MODES))}, got {self.watch_files!r}")
+        if not isinstance(self.optimizer_keys, Mapping) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v and not v.endswith(".")
+                for k, v in self.optimizer_keys.items()):
+            raise ConfigError(f"optimizer_keys must map hyperparameter paths to optimizer settings, such as "
+                              f"{{'train.learning_rate': 'lr'}} or {{'gan.d_lr': 'discriminator.lr'}}; got "
+                              f"{self.optimizer_keys!r}")
+        object.__setattr__(self, "optimizer_keys", dict(self.optimizer_keys))
         for name in ("reanchor_interval", "full_check_every"):
             value = getattr(self, name)
             low = 1 if name == "reanchor_interval" else 0
@@ -304,6 +321,8 @@ class AutomaticCheckpointSystem:
         self._policy = SavePolicy(every_steps=config.checkpoint_frequency, every_seconds=config.every_seconds)
         self._hasher = ExperimentHashGenerator(exclude_keys=config.exclude_keys)
         self._detector = ChangeDetector()
+        self._binding = OptimizerBinding(config.optimizer_keys)
+        self._files: dict[str, ConfigFile] = {}  # watched hyperparameter files, by registration name
         self._writer = Writer(max_pending=config.max_pending_saves, max_pending_bytes=config.max_pending_bytes)
         self._lock = threading.RLock()
         self._run = uuid.uuid4().hex[:12]
@@ -322,13 +341,14 @@ class AutomaticCheckpointSystem:
         self._closed = False
         self._last_save_time = time.monotonic()  # for every_seconds: the run's start counts as a save
         self._skipped = 0  # saves dropped by backpressure="skip"
+        self._binding_seen = False  # the optimizer binding has taken its baseline
         self._auto_resume_due = config.resume == "auto"
         self._start_step = 0  # the step the run resumed from (0: fresh)
         self._guard = PreemptionGuard(signal_numbers(config.preempt_signals), timeout=config.preempt_timeout)
         if config.preempt_signals and not self._guard.install():
             log.info("the checkpoint system was created outside the main thread: no preemption signal handlers")
         self._detector.install()
-        for kind in ("model", "optimizer", "dataloader"):
+        for kind in ("model", "optimizer", "dataloader", "hyperparams"):
             for entry in ledger.entries(kind).values():
                 self._attach(entry)
         self._unsubscribe = ledger.subscribe(self._on_ledger)
@@ -361,6 +381,12 @@ class AutomaticCheckpointSystem:
     @property
     def experiment_dir(self) -> Path:
         return self.manager.layout.experiment_dir(self.experiment_hash)
+
+    @property
+    def watched_files(self) -> dict[str, ConfigFile]:
+        """The hyperparameter files watched for edits, by registration name."""
+        with self._lock:
+            return dict(self._files)
 
     @property
     def has_saved(self) -> bool:
@@ -401,6 +427,9 @@ class AutomaticCheckpointSystem:
 
     def _attach(self, entry: Entry) -> None:
         key = (entry.kind, entry.name)
+        if entry.kind == "hyperparams" and entry.source is not None and isinstance(entry.obj, _hp.LiveConfig) \
+                and self.config.watch_files != "off":
+            self._files[entry.name] = ConfigFile(entry.source, entry.obj, watch=self.config.watch_files)
         if entry.kind == "dataloader":
             problem = data.make_resumable(entry.obj, name=entry.name)
             if problem is not None:
@@ -418,6 +447,8 @@ class AutomaticCheckpointSystem:
     def _detach(self, entry: Entry) -> None:
         for handle in self._handles.pop((entry.kind, entry.name), []):
             handle.remove()
+        if entry.kind == "hyperparams" and entry.name in self._files:
+            self._files.pop(entry.name).close()
         if entry.kind == "dataloader":
             data.undo_resumable(entry.obj)
 
@@ -534,6 +565,7 @@ class AutomaticCheckpointSystem:
             changes: list[dict[str, Any]] = list(forced_changes)
             state_changes: list[StateChange] = []
             try:
+                changes += self._reload_files(step)
                 poll = self._detector.poll()
                 state_changes += poll.state
                 if self._experiment is None or poll.structure or poll.hyperparams or \
@@ -542,6 +574,8 @@ class AutomaticCheckpointSystem:
                     events += [e for e in ev if e not in events]
                     changes += ch
                     state_changes += st
+                if poll.hyperparams or not self._binding_seen:
+                    self._apply_bindings(step)
             except Exception as exc:  # never let change detection stop training
                 self._fail(f"change detection at step {step}", exc)
             if self._experiment is None:  # no fingerprint could be taken: nothing to file a save under
@@ -570,6 +604,26 @@ class AutomaticCheckpointSystem:
                 self._deferred = _Deferred(step, reasons, tuple(changes), early)
                 return True
             return self._save(step, reasons, changes)
+
+    def _reload_files(self, step: int) -> list[dict[str, Any]]:
+        """Swap in the accepted edits of watched hyperparameter files (on the training thread)."""
+        changes = []
+        for name, watched in list(self._files.items()):
+            edit = watched.poll()
+            if edit is None:
+                continue
+            watched.live.swap(edit.values)
+            log.info("step %d: %s changed: %s (hyperparameters %r)", step, watched.path, "; ".join(edit.changed), name)
+            changes.append({"kind": "config_file", "hyperparams": name, "file": str(watched.path),
+                            "diff": list(edit.changed)})
+        return changes
+
+    def _apply_bindings(self, step: int) -> None:
+        """Hyperparameters bound to optimizer settings (``optimizer.lr``, ...) reach the optimizers."""
+        self._binding_seen = True
+        for line in self._binding.apply(self.ledger.objects("hyperparams"), self.ledger.objects("optimizer"),
+                                        self.ledger.objects("scheduler")):
+            log.info("step %d: %s", step, line)
 
     def _refresh(self, step: int) -> tuple[list[str], list[dict[str, Any]], list[StateChange]]:
         """Recompute the fingerprint; open a new experiment if it changed. Returns (events, changes,
@@ -605,6 +659,10 @@ class AutomaticCheckpointSystem:
             lines += hp
         old = self._experiment.hash
         parent_step = self._last_step if self._last_step is not None else step
+        # The parent may have no checkpoint yet (checkpoint_frequency=None): file its record anyway,
+        # in the background and before the child's, so the lineage never names an unknown experiment.
+        parent_record = self._experiment
+        self._writer.submit(f"record of {old}", lambda: self.manager.write_experiment(parent_record))
         self._open_experiment(fp, parent=Parent(old, parent_step, events[0], tuple(lines)))
         log.info("step %d: %s -> new experiment %s (parent %s@%d): %s", step, " and ".join(events),
                  fp.hash, old, parent_step, "; ".join(lines) or "no readable difference")
@@ -760,6 +818,9 @@ class AutomaticCheckpointSystem:
                     for handle in handles:
                         handle.remove()
                 self._handles.clear()
+                for watched in self._files.values():
+                    watched.close()
+                self._files.clear()
                 self._detector.remove()
                 atexit.unregister(self._atexit)
                 _forget(self)
@@ -957,6 +1018,8 @@ class AutomaticCheckpointSystem:
         models, hparams = self.ledger.objects("model"), self.ledger.objects("hyperparams")
         fp = self._hasher.fingerprint(models, hparams)
         self._detector.track(models, hparams)
+        self._binding.baseline(hparams, self.ledger.objects("optimizer"))
+        self._binding_seen = True
         record = self.manager.read_experiment(manifest.experiment)
         if fp.hash == manifest.experiment and record is not None:
             self._experiment, self._fingerprint = record, fp

@@ -1,0 +1,155 @@
+"""Hyperparameters that drive the optimizer: an edit of ``optimizer.lr`` reaches its param groups.
+
+Which hyperparameters are bound to which param-group setting:
+
+* ``optimizer.<key>`` in any registered hyperparameters, for every key torch keeps in a param group
+  (``lr``, ``weight_decay``, ``momentum``, ``betas``, ``eps``, ...): every registered optimizer
+  that has that key;
+* ``optimizer.<name>.<key>`` (or ``optimizers.<name>.<key>``): the optimizer registered as ``name``;
+* ``CheckpointConfig(optimizer_keys={"train.learning_rate": "lr", "gan.d_lr": "discriminator.lr"})``:
+  any other hyperparameter path, to a key of every optimizer or of the one named before the dot.
+
+A bound value is applied when it *changes* (in a watched file or in the live object), never at
+every step, so a learning-rate scheduler stays in charge between edits. When a registered scheduler
+drives the optimizer, an edited ``lr`` is the schedule's new base: ``initial_lr`` and the
+scheduler's ``base_lrs`` take it, and the current ``lr`` is rescaled by the same factor, so the
+schedule goes on from where it was, at the new scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from . import hyperparams as _hp
+
+__all__ = ["Assignment", "OptimizerBinding"]
+
+log = logging.getLogger(__name__)
+
+_SECTIONS = ("optimizer", "optimizers")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One param-group setting a hyperparameter asks for."""
+
+    optimizer: str | None  # None: every registered optimizer that has the key
+    key: str
+    value: Any
+    source: str  # "config:optimizer.lr"
+
+
+def _lookup(values: Any, path: list[str]) -> Any:
+    for part in path:
+        if not isinstance(values, Mapping) or part not in values:
+            return None
+        values = values[part]
+    return values
+
+
+def assignments(hyperparams: Mapping[str, Any], optimizer_names: list[str],
+                extra: Mapping[str, str]) -> dict[tuple[str | None, str], Assignment]:
+    """What the hyperparameters ask of the optimizers, by (optimizer name or None, key)."""
+    found: dict[tuple[str | None, str], Assignment] = {}
+    for hp_name, obj in hyperparams.items():
+        plain = _hp.to_plain(obj)
+        if not isinstance(plain, Mapping):
+            continue
+        for section in _SECTIONS:
+            block = plain.get(section)
+            if not isinstance(block, Mapping):
+                continue
+            for key, value in block.items():
+                if isinstance(value, Mapping) and key in optimizer_names:
+                    for sub, v in value.items():
+                        if sub != "params" and not isinstance(v, Mapping):
+                            found[(key, str(sub))] = Assignment(key, str(sub), v, f"{hp_name}:{section}.{key}.{sub}")
+                elif key != "params" and not isinstance(value, Mapping):
+                    found[(None, str(key))] = Assignment(None, str(key), value, f"{hp_name}:{section}.{key}")
+        for path, target in extra.items():
+            value = _lookup(plain, path.split("."))
+            if value is None:
+                continue
+            name, _, key = target.rpartition(".")
+            found[(name or None, key)] = Assignment(name or None, key, value, f"{hp_name}:{path}")
+    return found
+
+
+class OptimizerBinding:
+    """Applies changed bound hyperparameters to the registered optimizers (on the training thread)."""
+
+    def __init__(self, extra: Mapping[str, str] | None = None):
+        self.extra = dict(extra or {})
+        self._last: dict[tuple[str | None, str], Any] | None = None  # None: no baseline yet
+        self._warned: set[str] = set()
+
+    def baseline(self, hyperparams: Mapping[str, Any], optimizers: Mapping[str, Any]) -> None:
+        """Remember the current values without applying them (at start, and after a resume)."""
+        self._last = {k: a.value for k, a in assignments(hyperparams, list(optimizers), self.extra).items()}
+
+    def apply(self, hyperparams: Mapping[str, Any], optimizers: Mapping[str, Any],
+              schedulers: Mapping[str, Any]) -> list[str]:
+        """Apply the bound values that changed since the last call (the first call only looks);
+        return what was done, for the log."""
+        current = assignments(hyperparams, list(optimizers), self.extra)
+        last, self._last = self._last, {k: a.value for k, a in current.items()}
+        if last is None:
+            return []  # the first look is the baseline: the optimizers were built from these values
+        changed = [a for k, a in current.items() if k not in last or last[k] != a.value]
+        done: list[str] = []
+        for a in changed:
+            targets = {a.optimizer: optimizers[a.optimizer]} if a.optimizer in optimizers else \
+                {n: o for n, o in optimizers.items() if a.optimizer is None}
+            if a.optimizer is not None and a.optimizer not in optimizers:
+                self._warn(f"{a.source}: no optimizer named {a.optimizer!r} is registered "
+                           f"(registered: {sorted(optimizers)}); the value is not applied")
+                continue
+            for name, opt in targets.items():
+                done += self._set(name, opt, a, schedulers)
+        return done
+
+    def _set(self, name: str, opt: Any, a: Assignment, schedulers: Mapping[str, Any]) -> list[str]:
+        groups = opt.param_groups
+        having = [g for g in groups if a.key in g]
+        if not having:
+            keys = sorted(k for k in groups[0] if k != "params") if groups else []
+            self._warn(f"{a.source}: optimizer {name!r} ({type(opt).__name__}) has no setting {a.key!r} (it has "
+                       f"{', '.join(keys)}); the value is not applied")
+            return []
+        value = a.value
+        old = having[0][a.key]
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        number = (int, float)
+        if type(value) is not type(old) and not (isinstance(value, number) and isinstance(old, number)
+                                                 and not isinstance(value, bool) and not isinstance(old, bool)):
+            self._warn(f"{a.source}: {value!r} cannot be optimizer {name!r}'s {a.key!r}, which is a "
+                       f"{type(old).__name__} ({old!r}); the value is not applied")
+            return []
+        if isinstance(value, number) and not isinstance(value, bool) and value < 0:
+            self._warn(f"{a.source}: {a.key} = {value!r} is negative; the value is not applied")
+            return []
+        driving = [s for s in schedulers.values() if getattr(s, "optimizer", None) is opt]
+        for index, group in enumerate(groups):
+            if a.key not in group:
+                continue
+            if a.key == "lr" and driving and "initial_lr" in group:
+                base = group["initial_lr"]
+                group["lr"] = group["lr"] * (value / base) if base else value
+                group["initial_lr"] = value
+                for scheduler in driving:
+                    if hasattr(scheduler, "base_lrs") and index < len(scheduler.base_lrs):
+                        scheduler.base_lrs[index] = value
+            else:
+                group[a.key] = value
+        how = " (the schedule's base; the current lr rescaled)" if a.key == "lr" and driving else ""
+        return [f"optimizer {name!r}: {a.key} {old!r} -> {value!r} from {a.source}{how}"]
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
