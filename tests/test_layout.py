@@ -175,8 +175,10 @@ def test_temp_dirs_cover_every_directory_a_save_writes(root):
     (root / "objects" / "ab").mkdir(parents=True)
     (root / "objects" / "cd").mkdir()
     (root / "objects" / "stray-file").write_bytes(b"")
+    (root / "names").mkdir()
     dirs = list(layout.temp_dirs())
-    expected = {root, root / "checkpoints", root / "objects", root / "objects" / "ab", root / "objects" / "cd"}
+    expected = {root, root / "checkpoints", root / "objects", root / "objects" / "ab", root / "objects" / "cd",
+                root / "names"}
     for h in (H, H2):
         expected |= {layout.experiment_dir(h), layout.model_dir(h), layout.hp_dir(h)}
     assert set(dirs) == expected

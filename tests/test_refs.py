@@ -6,7 +6,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from weightslab.refs import Ref, parse_ref
+from weightslab.refs import Ref, check_name, parse_ref
 
 H = "0123456789abcdef"
 
@@ -81,15 +81,16 @@ def test_latest_word_wins_over_a_file_named_latest(empty_cwd):
 
 
 @pytest.mark.parametrize("text", [
-    "abc@x@y", f"{H}@x", f"{H}@", f"{H}@-1", f"{H}@1.5", f"{H}@ 12", f"{H}@12@13", f"{H}0@12", "abc@12",
-    "ABCD@12", "@12", "@latest", f"{H}@Latest", "latest@12",
+    "abc@x@y", f"{H}@x", f"{H}@", f"{H}@-1", f"{H}@1.5", f"{H}@ 12", f"{H}@12@13", f"{H}0@12", "1xyz@12",
+    "a b@12", "@12", "@latest", f"{H}@Latest", "latest@12", "best@3", f"{H}@best:", f"{H}@best:loss:up",
 ])
 def test_malformed_refs_raise_value_error_naming_ref_and_forms(text):
     with pytest.raises(ValueError) as info:
         parse_ref(text)
     msg = str(info.value)
     assert repr(text) in msg
-    assert "'latest'" in msg and "'<hash>@<step>'" in msg and "'<hash>@latest'" in msg and "path" in msg
+    assert "'latest'" in msg and "'<hash or name>@<step>'" in msg and "'<hash or name>@latest'" in msg
+    assert "@best" in msg and "path" in msg
 
 
 @pytest.mark.parametrize("text", ["abc", "ABCD", "g123", f"{H}0", "runs/exp", "model.json"])
@@ -108,3 +109,40 @@ def test_ref_is_frozen():
     ref = parse_ref("latest")
     with pytest.raises(AttributeError):
         ref.latest = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text, exp, step", [
+    ("baseline@12", "baseline", 12),
+    ("lr-sweep-2@latest", "lr-sweep-2", None),
+    ("ABCD@12", "ABCD", 12),  # upper case: a name, not a hash prefix
+    ("abc@0", "abc", 0),  # three hex digits are too short for a hash prefix: a name
+])
+def test_named_refs(text, exp, step):
+    ref = parse_ref(text)
+    assert ref == Ref(text=text, experiment=exp, step=step)
+    assert ref.by_name
+
+
+@pytest.mark.parametrize("text, exp, metric, mode", [
+    (f"{H}@best", H, None, "min"),
+    ("abcd@best:loss", "abcd", "loss", "min"),
+    ("run.1@best:val/acc:max", "run.1", "val/acc", "max"),
+    ("run@best:loss:min", "run", "loss", "min"),
+])
+def test_best_refs(text, exp, metric, mode):
+    ref = parse_ref(text)
+    assert ref == Ref(text=text, experiment=exp, best=True, metric=metric, mode=mode)
+    assert ref.step is None and not ref.latest
+
+
+@pytest.mark.parametrize("name", ["baseline", "lr-sweep-2", "A", "run.v2_final", "beefy"])
+def test_check_name_accepts(name):
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "latest", "best", "cafe", "0123456789abcdef", "2nd", "a b", "a/b", "x" * 65,
+                                  None, 3])
+def test_check_name_refuses_with_the_rule(name):
+    with pytest.raises(ValueError) as info:
+        check_name(name)
+    assert repr(name) in str(info.value) and "a letter" in str(info.value)

@@ -26,11 +26,11 @@ from .ledger import (get_dataloader, get_hyperparams, get_model, get_optimizer, 
                      get_state, list_registered, register_dataloader, register_hyperparams, register_model,
                      register_optimizer, register_scaler, register_scheduler, register_state, unregister)
 from .portable import export, load
-from .maintenance import gc, prune, verify
+from .maintenance import gc, name_experiment, prune, verify
 from .manager import CheckpointManager, VerifyReport
 from .retention import KeepBest, KeepChanges, KeepEvery, KeepLast, Retention
 from .system import (AutomaticCheckpointSystem, CheckpointConfig, CheckpointInfo, checkpoint_on_config_change,
-                     checkpoint_on_model_change, checkpoint_on_state_change, checkpoint_on_step,
+                     checkpoint_on_model_change, checkpoint_on_state_change, checkpoint_on_step, fork,
                      get_checkpoint_system)
 
 __all__ = [
@@ -42,10 +42,10 @@ __all__ = [
     "get_state", "unregister", "list_registered",
     # the checkpoint system
     "get_checkpoint_system", "checkpoint_on_step", "checkpoint_on_model_change", "checkpoint_on_config_change",
-    "checkpoint_on_state_change", "AutomaticCheckpointSystem", "CheckpointConfig", "CheckpointInfo",
+    "checkpoint_on_state_change", "fork", "AutomaticCheckpointSystem", "CheckpointConfig", "CheckpointInfo",
     "CheckpointManager", "ExperimentHashGenerator",
     # looking after a root
-    "verify", "prune", "gc", "export", "load", "VerifyReport", "Retention", "KeepLast", "KeepEvery", "KeepBest", "KeepChanges",
+    "verify", "prune", "gc", "export", "load", "name_experiment", "VerifyReport", "Retention", "KeepLast", "KeepEvery", "KeepBest", "KeepChanges",
     # errors
     "WeightslabError", "NotRegisteredError", "RegistrationError", "HyperparamsError", "ConfigError",
     "InvalidStepError", "InvalidMetricsError", "StateError", "CheckpointNotFoundError",

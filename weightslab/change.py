@@ -180,6 +180,12 @@ class ChangeDetector:
                 state += probe.flag_changes(name)
         return Poll(structure=structure, hyperparams=hp, state=tuple(state))
 
+    def parameter_names(self) -> dict[int, str]:
+        """``id(parameter) -> "model/qualified.name"`` as of the last baseline: after surgery, the
+        names the replaced parameters had (the probes still hold them)."""
+        return {id(p): f"{model}/{n}" for model, probe in self._probes.items()
+                for n, p in zip(probe.param_names, probe.params)}
+
     def track(self, models: Mapping[str, nn.Module], hyperparams: Mapping[str, Any]) -> list[StateChange]:
         """Take a new baseline; return the state changes since the old one, matched by name."""
         old = self._probes

@@ -25,7 +25,7 @@ KIND = "weightslab.experiment"
 class Parent:
     experiment: str
     step: int
-    reason: str  # "config_change", "model_change", "resume_with_changes", ...
+    reason: str  # "config_change", "model_change", "resume_with_changes", "fork", ...
     changes: tuple[str, ...] = ()  # human-readable differences from the parent
 
     @property
@@ -52,6 +52,7 @@ class ExperimentRecord:
     hyperparams: Mapping[str, Any]  # canonical, as hashed
     excluded_keys: tuple[str, ...]
     parent: Parent | None = None
+    branch: str | None = None  # a fork's branch, part of the hash (see fingerprint)
     versions: Mapping[str, str] = field(default_factory=dict)
     # Written beside the record for people, not read back: the module tree and the raw values.
     architecture_text: str = field(default="", compare=False)
@@ -65,10 +66,12 @@ class ExperimentRecord:
                    architecture_digest=fingerprint.architecture_digest,
                    hyperparams_digest=fingerprint.hyperparams_digest,
                    architecture=fingerprint.architecture, hyperparams=fingerprint.hyperparams,
-                   excluded_keys=tuple(sorted(excluded_keys)), parent=parent, versions=versions,
+                   excluded_keys=tuple(sorted(excluded_keys)), parent=parent, branch=fingerprint.branch,
+                   versions=versions,
                    architecture_text=architecture_text, hyperparams_values=hyperparams_values)
 
     def to_bytes(self) -> bytes:
+        branch = {"branch": self.branch} if self.branch is not None else {}  # absent: as before forks existed
         return seal({
             "format_version": FORMAT_VERSION,
             "kind": KIND,
@@ -81,6 +84,7 @@ class ExperimentRecord:
             "excluded_keys": list(self.excluded_keys),
             "versions": dict(self.versions),
             "architecture": self.architecture,
+            **branch,
         })
 
     @classmethod
@@ -97,7 +101,7 @@ class ExperimentRecord:
                        architecture=list(body["architecture"]), hyperparams=dict(body["hyperparams"]),
                        excluded_keys=tuple(body.get("excluded_keys", ())),
                        parent=Parent.from_json(parent) if parent else None,
-                       versions=dict(body.get("versions", {})))
+                       branch=body.get("branch"), versions=dict(body.get("versions", {})))
         except FormatVersionError:
             raise
         except CorruptCheckpointError as exc:

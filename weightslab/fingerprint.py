@@ -157,6 +157,7 @@ class Fingerprint:
     hyperparams_digest: str
     architecture: list[list[Any]]
     hyperparams: dict[str, Any]  # canonical (excluded keys removed), as hashed
+    branch: str | None = None  # set by a fork: the same architecture and values on another branch
 
     def compare(self, other: "Fingerprint") -> HashChange:
         return HashChange(architecture=self.architecture_digest != other.architecture_digest,
@@ -184,15 +185,22 @@ class ExperimentHashGenerator:
         self.length = length
         self.last: Fingerprint | None = None
 
-    def fingerprint(self, models: Mapping[str, nn.Module], hyperparams: Mapping[str, Any]) -> Fingerprint:
-        """Describe and hash registered ``models`` and ``hyperparams`` (each a name -> object map)."""
+    def fingerprint(self, models: Mapping[str, nn.Module], hyperparams: Mapping[str, Any], *,
+                    branch: str | None = None) -> Fingerprint:
+        """Describe and hash registered ``models`` and ``hyperparams`` (each a name -> object map).
+
+        ``branch`` (a fork's) enters the hash too, so a fork is its own experiment even with the
+        values of the run it came from; without one the hash is what it always was."""
         arch = describe_architecture(models)
         hp = {name: _canonical(to_plain(obj, where=f"hyperparameters {name!r}"), self.excluded_keys, "")
               for name, obj in hyperparams.items()}
         arch_digest, hp_digest = _sha256(arch), _sha256(hp)
-        full = _sha256({"architecture": arch_digest, "hyperparams": hp_digest})
+        identity = {"architecture": arch_digest, "hyperparams": hp_digest}
+        if branch is not None:
+            identity["branch"] = branch
+        full = _sha256(identity)
         return Fingerprint(hash=full[: self.length], architecture_digest=arch_digest,
-                           hyperparams_digest=hp_digest, architecture=arch, hyperparams=hp)
+                           hyperparams_digest=hp_digest, architecture=arch, hyperparams=hp, branch=branch)
 
     def generate_hash(self, model: nn.Module | Mapping[str, nn.Module] | None = None,
                       hyperparams: Any = None) -> str:

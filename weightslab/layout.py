@@ -10,6 +10,7 @@
         hp/<exp_hash>_config.yaml          the hyperparameters of this experiment
         data/                              reserved for the user's data state
       objects/<aa>/<rest>.safetensors      content-addressed tensor packs shared by all experiments
+      names/<name>.json                    a human name of an experiment (points at its hash)
       index.sqlite                         catalog (derived; rebuilt from the manifests)
       logs/
 
@@ -57,6 +58,13 @@ class Layout:
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def names_dir(self) -> Path:
+        return self.root / "names"
+
+    def name_file(self, name: str) -> Path:
+        return self.names_dir / f"{name}.json"
 
     @property
     def catalog_path(self) -> Path:
@@ -128,6 +136,8 @@ class Layout:
         """Every directory a save writes temporary files into (for the sweep at start)."""
         yield self.root
         yield self.checkpoints_dir
+        if self.names_dir.is_dir():
+            yield self.names_dir
         if self.objects_dir.is_dir():
             yield self.objects_dir
             for entry in os.scandir(self.objects_dir):

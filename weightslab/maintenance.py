@@ -6,6 +6,7 @@ need the model's code::
     wl.verify()                                   # every checkpoint of the root
     wl.prune(keep_last=5, keep_best=1, metric="val_loss")
     wl.gc()                                       # reclaim what the pruned checkpoints held
+    wl.name_experiment("baseline", "3fa2c1@latest")  # then "baseline@best:loss" works as a ref
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from . import garbage
 from .garbage import GcReport
 from .manager import VerifyReport
 from .retention import Retention, RetentionPlan
-from .system import manager_for
+from .errors import ConfigError
+from .system import manager_for, running_system
 
-__all__ = ["verify", "prune", "gc"]
+__all__ = ["verify", "prune", "gc", "name_experiment"]
 
 
 
@@ -59,3 +61,29 @@ def gc(*, root: str | os.PathLike[str] | None = None, grace_seconds: float = 300
     """
     return garbage.collect(manager_for(root), grace_seconds=grace_seconds, repack_below=repack_below,
                            dry_run=dry_run)
+
+
+def name_experiment(name: str, ref: str | os.PathLike[str] | None = None, *,
+                    root: str | os.PathLike[str] | None = None, replace: bool = False) -> str:
+    """Give an experiment a human name, usable in every ref (``"baseline@1200"``,
+    ``"baseline@best:loss"``); returns the experiment's hash.
+
+    ``ref`` is any ref of the experiment (``"3fa2c1"``, ``"3fa2c1@latest"``, a path); by default the
+    running system's current experiment. A name already given to another experiment raises
+    :class:`ConfigError` unless ``replace=True`` moves it.
+    """
+    if ref is None:
+        running = running_system()
+        if running is None:
+            raise ConfigError("wl.name_experiment(name) without a ref names the running system's experiment, but no "
+                              "checkpoint system runs; pass the ref of the experiment to name")
+        return running.name_experiment(name, replace=replace)
+    manager = manager_for(root)
+    entries = manager.candidates(ref)
+    if not entries:
+        raise ConfigError(f"wl.name_experiment: {ref!r} names no checkpoint")
+    try:
+        manager.name_experiment(entries[0].experiment, name, replace=replace)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return entries[0].experiment

@@ -9,6 +9,7 @@ and bytes; what the tensors mean is the state layer's business.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import logging
 import os
 import re
@@ -25,8 +26,9 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .experiment import ExperimentRecord, descendants
 from .layout import Layout, is_experiment_hash
 from .manifest import Manifest, TensorEntry
+from .names import read_names, set_name
 from .refs import Ref, parse_ref
-from .retention import CheckpointRecord, Retention, RetentionPlan
+from .retention import CheckpointRecord, KeepBest, Retention, RetentionPlan
 from .snapshot import Snapshot, dtype_tag, empty_like_entry, raw_bytes, tag_dtype
 from .store import Blob, BlobRef, BlobStore
 from .triggers import REASONS
@@ -161,6 +163,9 @@ class CheckpointManager:
         self._anchors: dict[str, tuple[BlobRef, torch.Tensor, int]] = {}
         self._written_experiments: set[str] = set()
         self._records: dict[Path, tuple[int, CheckpointRecord | None]] = {}  # path -> (mtime, record)
+        #: What a bare ``<hash>@best`` ranks by: (metric, "min" | "max"); the system sets its
+        #: retention's keep_best metric here.
+        self.best_metric: tuple[str, str] | None = None
         self._created: dict[Path, tuple[int, int, int]] = {}  # path -> (mtime, size, created_ns)
         swept = sweep_temp_files(self.layout.temp_dirs())
         if swept:
@@ -303,7 +308,24 @@ class CheckpointManager:
             cached = self._created[path] = (st.st_mtime_ns, st.st_size, _read_created_ns(path))
         return CheckpointEntry(exp_hash, step, path, st.st_mtime_ns, cached[2])
 
-    def _experiment_for(self, prefix: str) -> str:
+    # --- names ------------------------------------------------------------------------------
+    def names(self) -> dict[str, str]:
+        """``{name: experiment hash}`` of every human name in the root."""
+        return read_names(self.layout)
+
+    def name_experiment(self, exp_hash: str, name: str, *, replace: bool = False) -> None:
+        """Give experiment ``exp_hash`` the human name ``name`` (see :mod:`weightslab.names`)."""
+        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        set_name(self.layout, name, exp_hash, created=created, replace=replace)
+
+    def _experiment_for(self, prefix: str, *, by_name: bool = False) -> str:
+        if by_name:
+            names = self.names()
+            if prefix not in names:
+                known = ", ".join(sorted(names)[:8]) or "none"
+                raise CheckpointNotFoundError(f"no experiment is named {prefix!r} under {self.layout.root} (names: "
+                                              f"{known}); name one with wl.name_experiment({prefix!r}, ref)")
+            return names[prefix]
         if is_experiment_hash(prefix):
             if not self.layout.experiment_dir(prefix).is_dir():
                 raise CheckpointNotFoundError(f"no experiment {prefix} under {self.layout.checkpoints_dir}; "
@@ -336,7 +358,9 @@ class CheckpointManager:
             return list(reversed(self.checkpoints(scope)))
         if parsed.path is not None:
             return [self._entry_for_path(parsed.path)]
-        h = self._experiment_for(parsed.experiment or "")
+        h = self._experiment_for(parsed.experiment or "", by_name=parsed.by_name)
+        if parsed.best:
+            return [self._best(h, parsed.metric, parsed.mode)]
         if parsed.step is None:
             found = list(reversed(self.checkpoints([h])))
             if not found:
@@ -352,6 +376,30 @@ class CheckpointManager:
         if entry is None:
             raise CheckpointNotFoundError(f"the checkpoint at step {parsed.step} of experiment {h} was just deleted")
         return [entry]
+
+    def _best(self, exp_hash: str, metric: str | None, mode: str) -> CheckpointEntry:
+        """The best checkpoint of one experiment by ``metric`` (default: ``best_metric``, else the
+        only metric its checkpoints record)."""
+        records = self.records([exp_hash])
+        if metric is None and self.best_metric is not None:
+            metric, mode = self.best_metric
+        recorded = sorted({name for r in records for name in r.metrics})
+        if metric is None:
+            if len(recorded) != 1:
+                raise CheckpointNotFoundError(
+                    f"'{exp_hash}@best' needs a metric: its checkpoints record {', '.join(recorded) or 'no metric'}; "
+                    f"write '{exp_hash}@best:<metric>' (lowest wins) or '{exp_hash}@best:<metric>:max'")
+            metric = recorded[0]
+        ranked = KeepBest(k=1, metric=metric, mode=mode).ranked(records)
+        if not ranked:
+            raise CheckpointNotFoundError(f"no checkpoint of experiment {exp_hash} records the metric {metric!r} "
+                                          f"(recorded: {', '.join(recorded) or 'none'}); pass it with "
+                                          "checkpoint_on_step(step, metrics={...})")
+        best = ranked[0]
+        entry = self._entry(exp_hash, best.step, self.layout.manifest(exp_hash, best.step))
+        if entry is None:
+            raise CheckpointNotFoundError(f"the best checkpoint {best.ref} was just deleted")
+        return entry
 
     def _entry_for_path(self, path: Path) -> CheckpointEntry:
         path = path.expanduser()

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: The checkpoint reasons that mark a change of the run (kept by :class:`KeepChanges`), in report order.
-CHANGE_REASONS = tuple(r for r in REASONS if r in {"config_change", "model_change", "resume_with_changes",
+CHANGE_REASONS = tuple(r for r in REASONS if r in {"fork", "config_change", "model_change", "resume_with_changes",
                                                    "state_change"})
 
 _MODES = ("min", "max")

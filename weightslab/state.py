@@ -140,8 +140,9 @@ def check_compatible(ledger: Ledger, tree: Mapping[str, Any],
         listing = "\n  ".join(differences)
         raise ArchitectureMismatchError(
             f"the checkpoint does not fit the registered objects:\n  {listing}\n"
-            "Build the model as it was when the checkpoint was saved (system.peek(ref) shows its "
-            "hyperparameters and architecture), or resume a checkpoint of this architecture.",
+            "Build the model as it was when the checkpoint was saved: system.resume(ref, model_factory=f) "
+            "calls f(system.peek(ref)), which holds its hyperparameters and architecture, and registers what f "
+            "builds; or resume a checkpoint of this architecture.",
             differences=differences)
 
 

@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -38,19 +38,21 @@ from . import hyperparams as _hp
 from . import state as _state
 from .binding import OptimizerBinding
 from .change import ChangeDetector, StateChange
-from .configfile import WATCH_MODES, ConfigFile
+from .configfile import WATCH_MODES, ConfigFile, Edit, merge_edit
 from .errors import (CheckpointNotFoundError, CheckpointSaveError, ConfigError, CorruptCheckpointError, HyperparamsError,
                      InvalidMetricsError, InvalidStepError, WeightslabError)
 from .experiment import ExperimentRecord, Parent
 from .fingerprint import ExperimentHashGenerator, Fingerprint, architecture_text, diff_architecture, diff_hyperparams
 from ._version import __version__
-from .ledger import LEDGER, Entry, Ledger
+from .ledger import (LEDGER, Entry, Ledger, register_model, register_optimizer, register_scaler,
+                     register_scheduler)
 from .manager import CheckpointEntry, CheckpointManager, SaveRequest
 from .manifest import Manifest
-from .refs import parse_ref
+from .refs import check_name, parse_ref
 from .preemption import PreemptionGuard, signal_numbers
-from .retention import Retention
+from .retention import KeepBest, Retention
 from .snapshot import Snapshotter
+from .surgery import carry_optimizer_state, parameter_names
 from .triggers import SavePolicy
 from .writer import Writer
 
@@ -63,6 +65,7 @@ __all__ = [
     "checkpoint_on_model_change",
     "checkpoint_on_config_change",
     "checkpoint_on_state_change",
+    "fork",
 ]
 
 log = logging.getLogger(__name__)
@@ -260,6 +263,14 @@ def _validate_step(step: Any) -> int:
     return value
 
 
+def _has_path(values: Any, path: Sequence[str]) -> bool:
+    for part in path:
+        if not isinstance(values, Mapping) or part not in values:
+            return False
+        values = values[part]
+    return True
+
+
 def _validate_metrics(metrics: Any) -> dict[str, Any] | None:
     if metrics is None:
         return None
@@ -317,6 +328,9 @@ class AutomaticCheckpointSystem:
                                              reanchor_interval=config.reanchor_interval)
         except ImportError as exc:
             raise ConfigError(str(exc)) from exc
+        best = [p for p in (config.retention.policies if config.retention else ()) if isinstance(p, KeepBest)]
+        if best:  # a bare "<hash>@best" ranks by the metric retention keeps the best of
+            self.manager.best_metric = (best[0].metric, best[0].mode)
         self._snapshotter = Snapshotter(full_check_every=config.full_check_every)
         self._policy = SavePolicy(every_steps=config.checkpoint_frequency, every_seconds=config.every_seconds)
         self._hasher = ExperimentHashGenerator(exclude_keys=config.exclude_keys)
@@ -342,6 +356,7 @@ class AutomaticCheckpointSystem:
         self._last_save_time = time.monotonic()  # for every_seconds: the run's start counts as a save
         self._skipped = 0  # saves dropped by backpressure="skip"
         self._binding_seen = False  # the optimizer binding has taken its baseline
+        self._branch: str | None = None  # set by fork(): part of every hash this run computes from then on
         self._auto_resume_due = config.resume == "auto"
         self._start_step = 0  # the step the run resumed from (0: fresh)
         self._guard = PreemptionGuard(signal_numbers(config.preempt_signals), timeout=config.preempt_timeout)
@@ -418,12 +433,28 @@ class AutomaticCheckpointSystem:
                 return
             if previous is not None:
                 self._detach(previous)
+                if entry.kind == "optimizer" and event == "register" and previous.obj is not entry.obj:
+                    self._carry_over(previous.obj, entry.obj, entry.name)
             if event == "register":
                 self._attach(entry)
             else:
                 self._detach(entry)
             if entry.kind in ("model", "hyperparams"):
                 self._detector.invalidate()
+
+    def _carry_over(self, old: Any, new: Any, name: str) -> None:
+        """An optimizer registered again (after model surgery, typically): the state of the
+        parameters that did not change moves to the new one; the rest starts fresh, with a warning."""
+        try:
+            report = carry_optimizer_state(old, new, old_names=self._detector.parameter_names(),
+                                           new_names=parameter_names(self.ledger.objects("model")))
+        except Exception as exc:  # never let this stop training: the new optimizer just starts fresh
+            self._fail(f"carrying the state of optimizer {name!r} over", exc)
+            return
+        if report.reset or report.dropped or report.reason:
+            log.warning("optimizer %r registered again: %s", name, report)
+        else:
+            log.info("optimizer %r registered again: %s", name, report)
 
     def _attach(self, entry: Entry) -> None:
         key = (entry.kind, entry.name)
@@ -631,7 +662,7 @@ class AutomaticCheckpointSystem:
         models = self.ledger.objects("model")
         hparams = self.ledger.objects("hyperparams")
         try:
-            fp = self._hasher.fingerprint(models, hparams)
+            fp = self._hasher.fingerprint(models, hparams, branch=self._branch)
         except HyperparamsError as exc:
             # A value that cannot be hashed was put into the live config: keep the current
             # experiment, say so once, and keep checking at later boundaries.
@@ -649,6 +680,7 @@ class AutomaticCheckpointSystem:
         events, changes, lines = [], [], []
         if diff.architecture:
             arch = diff_architecture(self._fingerprint.architecture, fp.architecture)
+            self._warn_if_optimizer_is_stale(models, fp.hash)
             events.append("model_change")
             changes.append({"kind": "model_change", "diff": arch})
             lines += arch
@@ -667,6 +699,17 @@ class AutomaticCheckpointSystem:
         log.info("step %d: %s -> new experiment %s (parent %s@%d): %s", step, " and ".join(events),
                  fp.hash, old, parent_step, "; ".join(lines) or "no readable difference")
         return events, changes, state_changes
+
+    def _warn_if_optimizer_is_stale(self, models: Mapping[str, Any], exp_hash: str) -> None:
+        live = {id(p) for m in models.values() for p in m.parameters()}
+        for name, opt in self.ledger.objects("optimizer").items():
+            stale = sum(1 for g in opt.param_groups for p in g["params"] if id(p) not in live)
+            if stale:
+                self._warn_once(f"stale-optimizer:{name}:{exp_hash}",
+                                "the architecture changed, but optimizer %r still holds %d parameters that are no "
+                                "longer in any registered model (it goes on training the old ones): build a new "
+                                "optimizer over model.parameters() and register it again as %r; weightslab carries "
+                                "the state of the parameters that did not change over to it", name, stale, name)
 
     def _open_experiment(self, fp: Fingerprint, *, parent: Parent | None) -> None:
         try:
@@ -872,7 +915,7 @@ class AutomaticCheckpointSystem:
         models, hparams = self.ledger.objects("model"), self.ledger.objects("hyperparams")
         if not models and not hparams:
             return None
-        return self._hasher.fingerprint(models, hparams).hash
+        return self._hasher.fingerprint(models, hparams, branch=self._branch).hash
 
     def _candidates(self, ref: str | os.PathLike[str]) -> tuple[list[CheckpointEntry], bool]:
         parsed = parse_ref(ref)
@@ -904,54 +947,204 @@ class AutomaticCheckpointSystem:
                     architecture=record.architecture if record else [], nbytes=manifest.total_bytes)
             return None
 
-    def resume(self, ref: str | os.PathLike[str] = "latest") -> int:
+    def resume(self, ref: str | os.PathLike[str] = "latest", *,
+               model_factory: Callable[[CheckpointInfo], Any] | None = None) -> int:
         """Restore every registered object from ``ref`` (RNG last) and return the step restored.
 
         ``ref`` is ``"latest"`` (the newest checkpoint of this run's lineage: the experiment the
-        registered objects hash to and every experiment opened from it by a change),
-        ``"<hash>@<step>"``, ``"<hash>@latest"`` or a path. Returns 0 when ``"latest"`` finds
-        nothing. With ``"latest"``, a damaged checkpoint is skipped for the newest one that
-        verifies, with a warning. Raises :class:`ArchitectureMismatchError` listing the
-        differences, before changing anything, when the checkpoint does not fit the registered
-        model.
+        registered objects hash to and every experiment opened from it by a change or a fork),
+        ``"<hash or name>@<step>"``, ``"<hash or name>@latest"``, ``"<hash or name>@best[:metric]"``
+        or a path. Returns 0 when ``"latest"`` finds nothing. With ``"latest"``, a damaged checkpoint
+        is skipped for the newest one that verifies, with a warning. Raises
+        :class:`ArchitectureMismatchError` listing the differences, before changing anything, when
+        the checkpoint does not fit the registered model.
+
+        ``model_factory(info)`` rebuilds what the checkpoint needs, from its
+        :class:`CheckpointInfo` (hyperparameters and structural description, nothing unpickled),
+        before anything is restored: it returns the model, or a dict such as ``{"model": model,
+        "optimizer": optimizer, "scheduler": scheduler}`` (several models: ``{"model": {name:
+        module}}``); weightslab registers what it returns under the checkpoint's names.
         """
         with self._lock:
             self._check_open()
             self._writer.wait()
             self._auto_resume_due = False  # resumed (or chose not to) explicitly: no automatic resume
-            entries, may_fall_back = self._candidates(ref)
-            if not entries:
+            if model_factory is not None:
+                info = self.peek(ref)
+                if info is None:
+                    self._start_fresh()
+                    return 0
+                self._register_built(model_factory, info)
+            found = self._load(ref)
+            if found is None:
                 self._start_fresh()
                 return 0
-            damaged: list[str] = []
-            for entry in entries:
-                try:
-                    manifest = self.manager.read_manifest(entry)
-                    _state.check_compatible(self.ledger, manifest.state, self.manager.tensor_meta(manifest))
-                    tensors = self.manager.load_tensors(manifest)
-                except CorruptCheckpointError as exc:
-                    if not may_fall_back:
-                        raise
-                    damaged.append(f"{entry.ref}: {exc}")
-                    log.warning("checkpoint %s is damaged (%s); falling back to the previous one", entry.ref, exc)
-                    continue
-                break
-            else:
-                raise CorruptCheckpointError("no checkpoint of %s verifies:\n  %s" % (ref, "\n  ".join(damaged)))
-            report = _state.restore(self.ledger, manifest.state, tensors)
-            self._learn_restored(manifest, tensors)
-            for what in report.missing:
-                log.warning("resume from %s: %s is registered but not in the checkpoint; left as it is",
-                            manifest.ref, what)
-            for what in report.unused:
-                log.warning("resume from %s: the checkpoint holds %s, which is not registered here; not restored",
-                            manifest.ref, what)
+            manifest, tensors, path = found
+            self._restore(manifest, tensors, path)
+            record = self.manager.read_experiment(manifest.experiment)
+            self._branch = record.branch if record is not None else None  # continuing a fork stays on its branch
             self._adopt(manifest)
             self._start_step = manifest.step
-            log.info("resumed %s (step %d, %s) from %s", manifest.ref, manifest.step,
-                     ", ".join(report.restored) or "nothing registered", entry.path)
             self._warn_if_not_reproducible()
             return manifest.step
+
+    def fork(self, ref: str | os.PathLike[str], *, name: str | None = None, **overrides: Any) -> int:
+        """Start a new branch from checkpoint ``ref``: restore it, change the hyperparameters given
+        as ``overrides``, and continue in a new experiment whose parent is ``ref`` (reason
+        ``"fork"``), named ``name`` if given. Returns the step restored (continue at step + 1).
+
+        Overrides change existing keys of the registered hyperparameters; ``__`` separates nested
+        keys (``optimizer__lr=0.01`` sets ``optimizer.lr``). Keys bound to an optimizer setting
+        reach the optimizer. Nothing changes when the ref, the name or an override is not valid.
+        A fork is its own experiment even without overrides: its branch enters the hash.
+        """
+        with self._lock:
+            self._check_open()
+            if name is not None:
+                try:
+                    check_name(name)
+                    current = self.manager.names().get(name)
+                except ValueError as exc:
+                    raise ConfigError(f"wl.fork(name={name!r}): {exc}") from None
+                if current is not None:
+                    raise ConfigError(f"wl.fork(name={name!r}): that name already names experiment {current}; "
+                                      f"continue it with system.resume('{name}@latest'), or choose another name")
+            self._writer.wait()
+            self._auto_resume_due = False
+            found = self._load(ref, fall_back=False)
+            if found is None:
+                raise CheckpointNotFoundError(f"wl.fork({str(ref)!r}): there is no checkpoint to fork from yet")
+            manifest, tensors, path = found
+            edits = self._overrides(manifest, overrides)  # checked before anything changes
+            self._restore(manifest, tensors, path)
+            hparams = self.ledger.objects("hyperparams")
+            self._binding.baseline(hparams, self.ledger.objects("optimizer"))
+            self._binding_seen = True
+            lines = []
+            for hp_name, edit in edits.items():
+                _hp.restore_in_place(hparams[hp_name], edit.values, name=hp_name)
+                lines += [f"{hp_name}.{line}" for line in edit.changed]
+            self._apply_bindings(manifest.step)
+            self._branch = name if name is not None else f"fork-{uuid.uuid4().hex[:12]}"
+            models, hparams = self.ledger.objects("model"), self.ledger.objects("hyperparams")
+            fp = self._hasher.fingerprint(models, hparams, branch=self._branch)
+            self._detector.track(models, hparams)
+            self._resumed_from = manifest.ref
+            self._last_step = self._start_step = manifest.step
+            self._deferred, self._optimizer_ran = None, False
+            self._stepped.clear()
+            self._open_experiment(fp, parent=Parent(manifest.experiment, manifest.step, "fork", tuple(lines)))
+            if name is not None:
+                self.manager.name_experiment(fp.hash, name)
+            log.info("forked %s -> new experiment %s%s at step %d: %s", manifest.ref, fp.hash,
+                     f" ({name!r})" if name else "", manifest.step, "; ".join(lines) or "no hyperparameter changes")
+            self._save(manifest.step, ("fork",), [{"kind": "fork", "from": manifest.ref, "name": name, "diff": lines}])
+            self._warn_if_not_reproducible()
+            return manifest.step
+
+    def _register_built(self, model_factory: Callable[[CheckpointInfo], Any], info: CheckpointInfo) -> None:
+        """Register what ``model_factory(info)`` builds under the checkpoint's names."""
+        built = model_factory(info)
+        if isinstance(built, torch.nn.Module):
+            built = {"model": built}
+        kinds = ("model", "optimizer", "scheduler", "scaler")
+        if not isinstance(built, Mapping) or not set(built) <= set(kinds):
+            raise ConfigError(f"model_factory must return a torch.nn.Module or a dict with keys among {kinds}, got "
+                              f"{type(built).__name__}{' with keys ' + str(sorted(built)) if isinstance(built, Mapping) else ''}")
+        saved = self.manager.read_manifest(info.path).state
+        plural = {"model": "models", "optimizer": "optimizers", "scheduler": "schedulers", "scaler": "scalers"}
+        by_kind: dict[str, dict[str, Any]] = {}
+        for kind, value in built.items():
+            names = sorted(saved.get(plural[kind], {})) or ["main"]
+            if not isinstance(value, Mapping):
+                if len(names) != 1:
+                    raise ConfigError(f"the checkpoint holds several {plural[kind]} ({', '.join(names)}): return "
+                                      f"{{{kind!r}: {{name: object}}}} from model_factory")
+                value = {names[0]: value}
+            by_kind[kind] = dict(value)
+        # An optimizer left training the parameters of a replaced model would silently do nothing useful.
+        new_models = {**self.ledger.objects("model"), **by_kind.get("model", {})}
+        live = {id(p) for m in new_models.values() for p in m.parameters()}
+        for name, opt in self.ledger.objects("optimizer").items():
+            if name not in by_kind.get("optimizer", {}) and any(
+                    id(p) not in live for g in opt.param_groups for p in g["params"]):
+                raise ConfigError(f"model_factory built new models, but the registered optimizer {name!r} trains the "
+                                  "parameters of the old ones: return {'model': model, 'optimizer': optimizer} (and its "
+                                  "scheduler) from model_factory")
+        register = {"model": register_model, "optimizer": register_optimizer, "scheduler": register_scheduler,
+                    "scaler": register_scaler}
+        for kind in kinds:  # models first, so optimizers registered again can be matched to them
+            for name, obj in by_kind.get(kind, {}).items():
+                if self.ledger is LEDGER:
+                    register[kind](name, obj)
+                else:
+                    self.ledger.register(Entry(kind, name, obj))
+
+    def name_experiment(self, name: str, *, replace: bool = False) -> str:
+        """Give the current experiment a human name, usable in refs (``name@latest``); returns its hash."""
+        exp = self.experiment_hash
+        try:
+            self.manager.name_experiment(exp, name, replace=replace)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return exp
+
+    def _overrides(self, manifest: Manifest, overrides: Mapping[str, Any]) -> dict[str, Edit]:
+        """The fork's overrides as edits of the checkpoint's hyperparameters, by registration name."""
+        saved = codec.decode(manifest.state.get("hyperparams", {}), {})
+        registered = self.ledger.objects("hyperparams")
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in overrides.items():
+            path = key.split("__")
+            owners = [n for n in registered if _has_path(saved.get(n), path)]
+            dotted = ".".join(path)
+            if len(owners) != 1:
+                known = {n: sorted(v) for n, v in saved.items() if isinstance(v, Mapping)}
+                problem = "no registered hyperparameters have" if not owners else f"{owners} all have"
+                raise HyperparamsError(f"wl.fork: {problem} the key {dotted!r} in checkpoint {manifest.ref} (its keys: "
+                                       f"{known}); overrides change existing keys, nested ones written with '__' "
+                                       "(optimizer__lr=0.01)")
+            target = nested.setdefault(owners[0], {})
+            for part in path[:-1]:
+                target = target.setdefault(part, {})
+            target[path[-1]] = value
+        edits = {}
+        for hp_name, after in nested.items():
+            _hp.to_plain(after, where=f"wl.fork overrides of {hp_name!r}")
+            edits[hp_name] = merge_edit(saved[hp_name], {}, after, {}, where=f"wl.fork overrides of {hp_name!r}")
+        return edits
+
+    def _load(self, ref: str | os.PathLike[str], *, fall_back: bool = True) -> \
+            tuple[Manifest, dict[str, torch.Tensor], Path] | None:
+        """The checkpoint ``ref`` means, read, checked against the registered objects and loaded
+        with every byte verified; nothing registered changes. None when "latest" finds nothing."""
+        entries, may_fall_back = self._candidates(ref)
+        if not entries:
+            return None
+        damaged: list[str] = []
+        for entry in entries:
+            try:
+                manifest = self.manager.read_manifest(entry)
+                _state.check_compatible(self.ledger, manifest.state, self.manager.tensor_meta(manifest))
+                return manifest, self.manager.load_tensors(manifest), entry.path
+            except CorruptCheckpointError as exc:
+                if not (may_fall_back and fall_back):
+                    raise
+                damaged.append(f"{entry.ref}: {exc}")
+                log.warning("checkpoint %s is damaged (%s); falling back to the previous one", entry.ref, exc)
+        raise CorruptCheckpointError("no checkpoint of %s verifies:\n  %s" % (ref, "\n  ".join(damaged)))
+
+    def _restore(self, manifest: Manifest, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        report = _state.restore(self.ledger, manifest.state, tensors)
+        self._learn_restored(manifest, tensors)
+        for what in report.missing:
+            log.warning("resume from %s: %s is registered but not in the checkpoint; left as it is",
+                        manifest.ref, what)
+        for what in report.unused:
+            log.warning("resume from %s: the checkpoint holds %s, which is not registered here; not restored",
+                        manifest.ref, what)
+        log.info("restored %s (step %d, %s) from %s", manifest.ref, manifest.step,
+                 ", ".join(report.restored) or "nothing registered", path)
 
     def _start_fresh(self) -> None:
         """Nothing to resume in this run's lineage. If the root holds a run of the same architecture
@@ -960,7 +1153,7 @@ class AutomaticCheckpointSystem:
         if not models and not hparams:
             log.info("no checkpoint to resume under %s; starting fresh", self.root)
             return
-        fp = self._hasher.fingerprint(models, hparams)
+        fp = self._hasher.fingerprint(models, hparams, branch=self._branch)
         related = None
         for entry in reversed(self.manager.checkpoints()):
             try:
@@ -1016,7 +1209,7 @@ class AutomaticCheckpointSystem:
         self._stepped.clear()
         self._saved.add((manifest.experiment, manifest.step))
         models, hparams = self.ledger.objects("model"), self.ledger.objects("hyperparams")
-        fp = self._hasher.fingerprint(models, hparams)
+        fp = self._hasher.fingerprint(models, hparams, branch=self._branch)
         self._detector.track(models, hparams)
         self._binding.baseline(hparams, self.ledger.objects("optimizer"))
         self._binding_seen = True
@@ -1095,11 +1288,16 @@ def get_checkpoint_system(**settings: Any) -> AutomaticCheckpointSystem:
         return _SYSTEM
 
 
+def running_system() -> AutomaticCheckpointSystem | None:
+    """The process-wide system if one runs (never starts one)."""
+    with _SYSTEM_LOCK:
+        return _SYSTEM if _SYSTEM is not None and not _SYSTEM.closed else None
+
+
 def manager_for(root: str | os.PathLike[str] | None = None) -> CheckpointManager:
     """The checkpoint manager of ``root``; by default the running system's root, else
     ``$WEIGHTSLAB_ROOT`` or ``./experiments``. Raises if that directory is not a weightslab root."""
-    with _SYSTEM_LOCK:
-        system = _SYSTEM if _SYSTEM is not None and not _SYSTEM.closed else None
+    system = running_system()
     path = Path(root).expanduser().absolute() if root is not None else (system.root if system else _default_root().absolute())
     if system is not None and system.root == path:
         return system.manager  # shares the blob index and caches of the running system
@@ -1117,6 +1315,14 @@ def checkpoint_on_step(step: int, metrics: Mapping[str, Any] | None = None) -> b
     """Mark the end of step ``step`` for the process-wide system (see
     :meth:`AutomaticCheckpointSystem.checkpoint_on_step`)."""
     return _system().checkpoint_on_step(step, metrics)
+
+
+def fork(ref: str | os.PathLike[str], *, name: str | None = None, **overrides: Any) -> int:
+    """Start a new branch of the run from checkpoint ``ref`` (see :meth:`AutomaticCheckpointSystem.fork`)::
+
+        start = wl.fork("baseline@1000", name="lr-sweep-2", optimizer__lr=0.01)
+    """
+    return _system().fork(ref, name=name, **overrides)
 
 
 def checkpoint_on_model_change() -> bool:
