@@ -169,3 +169,21 @@ def test_watch_off_starts_no_thread_and_sees_nothing(tmp_path):
     assert not watched.wait_for_events(1, timeout=0.2)
     assert watched.poll() is None
     watched.close()
+
+
+def test_a_live_config_copies_pickles_and_compares_like_its_values():
+    import copy as _copy
+    import json
+    import pickle
+
+    live = LiveConfig({"optimizer": {"lr": 0.1}, "tags": ["a"]})
+    assert live == {"optimizer": {"lr": 0.1}, "tags": ["a"]} and repr(live) == repr(live.copy())
+    clone = pickle.loads(pickle.dumps(live))  # what a DataLoader worker process receives
+    deep = _copy.deepcopy(live)
+    assert isinstance(clone, LiveConfig) and isinstance(deep, LiveConfig)
+    live["optimizer"]["lr"] = 0.2
+    assert clone["optimizer"]["lr"] == 0.1 and deep["optimizer"]["lr"] == 0.1
+    assert json.loads(json.dumps(live.copy())) == {"optimizer": {"lr": 0.2}, "tags": ["a"]}
+    old_inner = live["optimizer"]
+    live.swap({"optimizer": {"lr": 0.3}})
+    assert live["optimizer"]["lr"] == 0.3 and old_inner == {"lr": 0.2}  # a nested dict kept aside is the old version

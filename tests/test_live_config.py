@@ -282,3 +282,37 @@ def test_the_example_edits_its_config_while_training(tmp_path):
     first = manager.checkpoints([child])[0]
     assert json.loads(first.path.read_text())["reasons"] == ["config_change"]
     assert wl.load(f"{child}@400", root=root)["optimizers"]["main"]["param_groups"][0]["lr"] == 0.01
+
+
+def test_an_edit_reaches_a_loop_that_never_calls_checkpoint_on_step(root, tmp_path):
+    """Implicit boundaries (the optimizer's post-step hook) apply edits the same way."""
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=None, save_on_close=False)
+    config = wl.register_hyperparams("config", path)
+    model = wl.register_model(nn.Linear(4, 2))
+    opt = wl.register_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    watched = system.watched_files["config"]
+
+    def step() -> None:
+        opt.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+
+    step()
+    first = system.experiment_hash
+    seen = watched.events
+    save_like_ide(path, CONFIG.replace("lr: 0.1", "lr: 0.004"))
+    assert watched.wait_for_events(seen + 1, timeout=10)
+    deadline = time.monotonic() + 10
+    while opt.param_groups[0]["lr"] != 0.004:
+        assert time.monotonic() < deadline, "the edit never reached an implicit step boundary"
+        step()
+    assert config["optimizer"]["lr"] == 0.004
+    step()  # the implicit save of the change completes at the next forward
+    system.wait()
+    child = system.experiment_hash
+    assert child != first
+    assert system.manager.read_experiment(child).parent.reason == "config_change"
+    assert [e.step for e in system.manager.checkpoints([child])] != []
+    system.close()

@@ -68,8 +68,16 @@ class LiveConfig(MutableMapping[str, Any]):
     def __repr__(self) -> str:
         return repr(self._data)
 
+    # Loaders' worker processes and copy.deepcopy see the values, never the lock.
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LiveConfig, (self.copy(),))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "LiveConfig":
+        return LiveConfig(copy.deepcopy(self._data, memo))
+
     def copy(self) -> dict[str, Any]:
-        """A deep, independent copy of the current values."""
+        """A deep, independent copy of the current values as a plain dict (for ``json.dumps``,
+        ``yaml.safe_dump``, a logger's config)."""
         with self._lock:
             return copy.deepcopy(self._data)
 
