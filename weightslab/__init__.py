@@ -17,21 +17,60 @@ checkpoint under its experiment (a hash of architecture + hyperparameters), and 
     system.close()
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
 from .errors import (ArchitectureMismatchError, CheckpointNotFoundError, CheckpointSaveError, ConfigError,
                      CorruptCheckpointError, FormatVersionError, HyperparamsError, InvalidMetricsError,
                      InvalidStepError, NotRegisteredError, RegistrationError, StateError, WeightslabError)
-from .fingerprint import ExperimentHashGenerator
-from .ledger import (get_dataloader, get_hyperparams, get_model, get_optimizer, get_scaler, get_scheduler,
-                     get_state, list_registered, register_dataloader, register_hyperparams, register_model,
-                     register_optimizer, register_scaler, register_scheduler, register_state, unregister)
-from .portable import export, load
-from .maintenance import gc, name_experiment, prune, verify
-from .manager import CheckpointManager, VerifyReport
-from .retention import KeepBest, KeepChanges, KeepEvery, KeepLast, Retention
-from .system import (AutomaticCheckpointSystem, CheckpointConfig, CheckpointInfo, checkpoint_on_config_change,
-                     checkpoint_on_model_change, checkpoint_on_state_change, checkpoint_on_step, fork,
-                     get_checkpoint_system)
+
+# The rest is imported on first use: the command line (weightslab ls) reads a root without
+# importing torch, which costs more than a listing of 10,000 checkpoints. Any first use imports
+# the checkpoint system first, which listens to the ledger from then on.
+_LAZY = {
+    "ExperimentHashGenerator": "fingerprint",
+    **dict.fromkeys(("get_dataloader", "get_hyperparams", "get_model", "get_optimizer", "get_scaler",
+                     "get_scheduler", "get_state", "list_registered", "register_dataloader", "register_hyperparams",
+                     "register_model", "register_optimizer", "register_scaler", "register_scheduler",
+                     "register_state", "unregister"), "ledger"),
+    "export": "portable", "load": "portable",
+    **dict.fromkeys(("gc", "name_experiment", "prune", "verify"), "maintenance"),
+    "CheckpointManager": "manager", "VerifyReport": "manager",
+    **dict.fromkeys(("KeepBest", "KeepChanges", "KeepEvery", "KeepLast", "Retention"), "retention"),
+    **dict.fromkeys(("AutomaticCheckpointSystem", "CheckpointConfig", "CheckpointInfo", "checkpoint_on_config_change",
+                     "checkpoint_on_model_change", "checkpoint_on_state_change", "checkpoint_on_step", "fork",
+                     "get_checkpoint_system"), "system"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'weightslab' has no attribute {name!r}")
+    import importlib
+
+    importlib.import_module(f"{__name__}.system")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from .fingerprint import ExperimentHashGenerator
+    from .ledger import (get_dataloader, get_hyperparams, get_model, get_optimizer, get_scaler, get_scheduler,
+                         get_state, list_registered, register_dataloader, register_hyperparams, register_model,
+                         register_optimizer, register_scaler, register_scheduler, register_state, unregister)
+    from .maintenance import gc, name_experiment, prune, verify
+    from .manager import CheckpointManager, VerifyReport
+    from .portable import export, load
+    from .retention import KeepBest, KeepChanges, KeepEvery, KeepLast, Retention
+    from .system import (AutomaticCheckpointSystem, CheckpointConfig, CheckpointInfo, checkpoint_on_config_change,
+                         checkpoint_on_model_change, checkpoint_on_state_change, checkpoint_on_step, fork,
+                         get_checkpoint_system)
 
 __all__ = [
     "__version__",

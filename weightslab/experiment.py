@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import CorruptCheckpointError, FormatVersionError
-from .fingerprint import Fingerprint
 from .manifest import FORMAT_VERSION, seal, unseal
+
+if TYPE_CHECKING:  # (fingerprint imports torch; reading a record must not)
+    from .fingerprint import Fingerprint
 
 __all__ = ["ExperimentRecord", "Parent", "descendants"]
 

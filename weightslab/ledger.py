@@ -9,7 +9,9 @@ without risking a lock-order deadlock with threads that read the ledger.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,10 @@ class Ledger:
             raise RegistrationError(f"unknown kind {entry.kind!r}; expected one of {', '.join(KINDS)}")
         if not isinstance(entry.name, str) or not entry.name:
             raise RegistrationError(f"a {entry.kind} name must be a non-empty string, got {entry.name!r}")
+        if self is LEDGER and "weightslab.system" not in sys.modules:
+            # The checkpoint system subscribes to this ledger when it is imported (and starts with the
+            # first registration); `import weightslab` defers that import to the first use.
+            importlib.import_module("weightslab.system")
         with self._lock:
             previous = self._entries[entry.kind].get(entry.name)
             self._entries[entry.kind][entry.name] = entry
