@@ -219,3 +219,13 @@ def test_colour_only_when_asked_or_on_a_terminal(trained):
     painted = weightslab("ls", "--color", "always", root=trained[0]).stdout
     assert "\033[1m" in painted and "\033[" not in plain
     assert weightslab("ls", "--color", "always", root=trained[0], env={"NO_COLOR": "1"}).stdout == painted
+
+
+def test_ls_best_column_for_a_metric_where_higher_is_better(trained):
+    root, base = trained
+    low = weightslab("ls", "--json", root=root)
+    rows = {r["hash"]: r for r in json.loads(low.stdout)}
+    assert rows[base]["highest"]["loss"] >= rows[base]["best"]["loss"]
+    table = weightslab("ls", "--metric", "loss:max", root=root).stdout
+    line = next(line for line in table.splitlines() if line.startswith(base[:8]))
+    assert line.split()[-2:] == ["loss", f"{rows[base]['highest']['loss']:.4g}"]

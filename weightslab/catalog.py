@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: Kept in ``PRAGMA user_version``; an index of another version is deleted and rebuilt.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: How long a refresh waits for another process's write transaction (they last milliseconds).
 BUSY_TIMEOUT_SECONDS = 10.0
@@ -121,6 +121,7 @@ _SCHEMA: tuple[str, ...] = (
         experiment TEXT NOT NULL,
         metric TEXT NOT NULL,
         value REAL NOT NULL,
+        highest REAL NOT NULL,
         PRIMARY KEY (experiment, metric)
     ) WITHOUT ROWID""",
 )
@@ -143,8 +144,8 @@ LEFT JOIN (
 """
 
 _BEST = """
-INSERT INTO best (experiment, metric, value)
-SELECT c.experiment, m.name, MIN(m.value)
+INSERT INTO best (experiment, metric, value, highest)
+SELECT c.experiment, m.name, MIN(m.value), MAX(m.value)
 FROM metrics AS m JOIN checkpoints AS c ON c.id = m.checkpoint_id
 WHERE m.value IS NOT NULL
 GROUP BY c.experiment, m.name
@@ -168,6 +169,7 @@ class ExperimentRow:
     checkpoints: int
     bytes_alone: int  # stored bytes only its checkpoints reference: what deleting it would free
     best: dict[str, float]  # lowest value of each metric its checkpoints record (NaN ignored)
+    highest: dict[str, float]  # highest value of each (for metrics where higher is better)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -623,8 +625,11 @@ class Catalog:
         for name, h in db.execute("SELECT name, experiment FROM names ORDER BY name"):
             names.setdefault(h, []).append(name)
         best: dict[str, dict[str, float]] = {}
-        for h, metric, value in db.execute("SELECT experiment, metric, value FROM best ORDER BY experiment, metric"):
+        highest: dict[str, dict[str, float]] = {}
+        for h, metric, value, high in db.execute(
+                "SELECT experiment, metric, value, highest FROM best ORDER BY experiment, metric"):
             best.setdefault(h, {})[metric] = float(value)
+            highest.setdefault(h, {})[metric] = float(high)
         rows = db.execute(
             "SELECT e.hash, e.parent, e.reason, e.branch, e.created, s.first_step, s.last_step, "
             "COALESCE(s.checkpoints, 0), COALESCE(s.bytes_alone, 0) "
@@ -632,7 +637,7 @@ class Catalog:
             "ORDER BY e.created IS NULL, e.created, e.hash")
         return [ExperimentRow(hash=h, names=tuple(names.get(h, ())), parent=parent, reason=reason, branch=branch,
                               created=created, first_step=first, last_step=last, checkpoints=int(n),
-                              bytes_alone=int(alone), best=best.get(h, {}))
+                              bytes_alone=int(alone), best=best.get(h, {}), highest=highest.get(h, {}))
                 for h, parent, reason, branch, created, first, last, n, alone in rows]
 
     def checkpoints(self, experiment: str | None = None) -> list[CheckpointRow]:

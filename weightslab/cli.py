@@ -153,13 +153,15 @@ def _short_ref(ref: str | None) -> str:
     return f"{exp[:8]}@{step}" if step else exp[:8]
 
 
-def _pick_metric(best: Mapping[str, float], wanted: str | None) -> tuple[str, float] | None:
-    if not best:
+def _pick_metric(row: Any, wanted: str | None) -> tuple[str, float] | None:
+    """The BEST cell: ``--metric NAME`` (lowest wins) or ``NAME:max``; by default loss, else the first."""
+    name, _, mode = (wanted or "").partition(":")
+    values = row.highest if mode == "max" else row.best
+    if not values:
         return None
-    if wanted is not None:
-        return (wanted, best[wanted]) if wanted in best else None
-    name = "loss" if "loss" in best else sorted(best)[0]
-    return name, best[name]
+    if not name:
+        name = "loss" if "loss" in values else sorted(values)[0]
+    return (name, values[name]) if name in values else None
 
 
 # --- ls ------------------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def cmd_ls(args: argparse.Namespace, out: Out) -> int:
         return 0
     table = []
     for r in rows:
-        best = _pick_metric(r.best, args.metric)
+        best = _pick_metric(r, args.metric)
         steps = "-" if r.first_step is None else f"{r.first_step}-{r.last_step}"
         table.append([_short(r.hash), ",".join(r.names) or "-", _short_ref(r.parent), r.reason or "-", steps,
                       str(r.checkpoints), _size(r.bytes_alone), f"{best[0]} {_number(best[1])}" if best else "-"])
@@ -528,7 +530,8 @@ def parser() -> argparse.ArgumentParser:
 
     sp = add("ls", cmd_ls, "one row per experiment: hash, name, parent, reason, steps, checkpoints, bytes it "
                            "alone holds, best metric")
-    sp.add_argument("--metric", help="the metric of the BEST column (default: loss, else the first recorded)")
+    sp.add_argument("--metric", help="the metric of the BEST column, lowest wins; NAME:max when higher is better "
+                                     "(default: loss, else the first recorded)")
     sp = add("log", cmd_log, "the lineage as a tree, with the reason of each branch point")
     sp.add_argument("ref", nargs="?", help="show only this experiment's ancestors and descendants")
     sp = add("show", cmd_show, "one checkpoint: manifest, hyperparameters, metrics, sizes, architecture")
