@@ -41,14 +41,6 @@ class Assignment:
     source: str  # "config:optimizer.lr"
 
 
-def _lookup(values: Any, path: list[str]) -> Any:
-    for part in path:
-        if not isinstance(values, Mapping) or part not in values:
-            return None
-        values = values[part]
-    return values
-
-
 def assignments(hyperparams: Mapping[str, Any], optimizer_names: list[str],
                 extra: Mapping[str, str]) -> dict[tuple[str | None, str], Assignment]:
     """What the hyperparameters ask of the optimizers, by (optimizer name or None, key)."""
@@ -69,7 +61,7 @@ def assignments(hyperparams: Mapping[str, Any], optimizer_names: list[str],
                 elif key != "params" and not isinstance(value, Mapping):
                     found[(None, str(key))] = Assignment(None, str(key), value, f"{hp_name}:{section}.{key}")
         for path, target in extra.items():
-            value = _lookup(plain, path.split("."))
+            value = _hp.at_path(plain, path.split("."))
             if value is None:
                 continue
             name, _, key = target.rpartition(".")

@@ -18,13 +18,14 @@ import os
 import threading
 import types
 from pathlib import Path, PurePath
-from typing import Any, Iterator, Mapping, MutableMapping
+from typing import Any, Iterator, Mapping, MutableMapping, Sequence
 
 import yaml
 
 from .errors import HyperparamsError, RegistrationError
 
-__all__ = ["LiveConfig", "Marks", "load_yaml", "parse_yaml", "resolve", "to_plain", "signature", "restore_in_place"]
+__all__ = ["LiveConfig", "Marks", "at_path", "load_yaml", "parse_yaml", "resolve", "to_plain", "signature",
+           "restore_in_place"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,15 @@ class LiveConfig(MutableMapping[str, Any]):
         """Replace every value at once (``values`` becomes the content; do not keep using it)."""
         with self._lock:
             self._data = values
+
+
+def at_path(values: Any, path: Sequence[str], default: Any = None) -> Any:
+    """``values["a"]["b"]`` for ``path`` ``["a", "b"]`` in nested mappings; ``default`` if absent."""
+    for part in path:
+        if not isinstance(values, Mapping) or part not in values:
+            return default
+        values = values[part]
+    return values
 
 
 def parse_yaml(text: str, *, where: str) -> tuple[Any, Marks]:

@@ -70,6 +70,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_ABSENT = object()
+
 
 def _default_root() -> Path:
     return Path(os.environ.get("WEIGHTSLAB_ROOT") or "./experiments")
@@ -261,14 +263,6 @@ def _validate_step(step: Any) -> int:
     if value < 0:
         raise InvalidStepError(f"checkpoint_on_step(step) needs a step >= 0, got {value}")
     return value
-
-
-def _has_path(values: Any, path: Sequence[str]) -> bool:
-    for part in path:
-        if not isinstance(values, Mapping) or part not in values:
-            return False
-        values = values[part]
-    return True
 
 
 def _validate_metrics(metrics: Any) -> dict[str, Any] | None:
@@ -1096,7 +1090,7 @@ class AutomaticCheckpointSystem:
         nested: dict[str, dict[str, Any]] = {}
         for key, value in overrides.items():
             path = key.split("__")
-            owners = [n for n in registered if _has_path(saved.get(n), path)]
+            owners = [n for n in registered if _hp.at_path(saved.get(n), path, _ABSENT) is not _ABSENT]
             dotted = ".".join(path)
             if len(owners) != 1:
                 known = {n: sorted(v) for n, v in saved.items() if isinstance(v, Mapping)}
