@@ -150,7 +150,7 @@ class CheckpointManager:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, compression: str = "off", delta: bool = False,
-                 reanchor_interval: int = 10, level: int = 1):
+                 reanchor_interval: int = 10, level: int = 1, sweep: bool = True):
         if delta and compression != "zstd":
             raise ValueError("delta=True stores XOR deltas compressed with zstd; set compression='zstd' too")
         if reanchor_interval < 1:
@@ -167,7 +167,9 @@ class CheckpointManager:
         #: retention's keep_best metric here.
         self.best_metric: tuple[str, str] | None = None
         self._created: dict[Path, tuple[int, int, int]] = {}  # path -> (mtime, size, created_ns)
-        swept = sweep_temp_files(self.layout.temp_dirs())
+        # (sweep=False for a process that must not judge other writers' temporary files: a rank of a
+        # distributed job on another host cannot tell whether a pid in a file name is alive.)
+        swept = sweep_temp_files(self.layout.temp_dirs()) if sweep else []
         if swept:
             log.info("removed %d temporary files left by interrupted saves under %s", len(swept), self.root)
 

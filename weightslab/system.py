@@ -245,6 +245,14 @@ def signal_name(number: int | None) -> str:
         return f"signal {number}"
 
 
+def _rank() -> tuple[int, int]:
+    """(rank, world size) of a running torch.distributed job; (0, 1) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _now() -> tuple[str, int]:
     ns = time.time_ns()
     iso = _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.timezone.utc).isoformat(timespec="microseconds")
@@ -319,7 +327,7 @@ class AutomaticCheckpointSystem:
         self.ledger = ledger
         try:
             self.manager = CheckpointManager(config.root_log_dir, compression=config.compression, delta=config.delta,
-                                             reanchor_interval=config.reanchor_interval)
+                                             reanchor_interval=config.reanchor_interval, sweep=_rank()[0] == 0)
         except ImportError as exc:
             raise ConfigError(str(exc)) from exc
         best = [p for p in (config.retention.policies if config.retention else ()) if isinstance(p, KeepBest)]
@@ -688,7 +696,8 @@ class AutomaticCheckpointSystem:
         # The parent may have no checkpoint yet (checkpoint_frequency=None): file its record anyway,
         # in the background and before the child's, so the lineage never names an unknown experiment.
         parent_record = self._experiment
-        self._writer.submit(f"record of {old}", lambda: self.manager.write_experiment(parent_record))
+        if self._writes():
+            self._writer.submit(f"record of {old}", lambda: self.manager.write_experiment(parent_record))
         self._open_experiment(fp, parent=Parent(old, parent_step, events[0], tuple(lines)))
         log.info("step %d: %s -> new experiment %s (parent %s@%d): %s", step, " and ".join(events),
                  fp.hash, old, parent_step, "; ".join(lines) or "no readable difference")
@@ -737,9 +746,24 @@ class AutomaticCheckpointSystem:
                                 fp.hash, len(earlier), max(e.step for e in earlier))
 
     # --- saving -----------------------------------------------------------------------------
+    def _writes(self) -> bool:
+        """Whether this process writes checkpoints: in a torch.distributed job, rank 0 only (ranks
+        are not coordinated yet: every rank writing the same checkpoint would race, and each one's
+        random state would overwrite the others'). Said once, on every rank."""
+        rank, world = _rank()
+        if world > 1:
+            self._warn_once("distributed", "torch.distributed runs %d ranks: weightslab does not coordinate them yet, "
+                            "so only rank 0 writes checkpoints (this is rank %d). Every rank resumes from them: replicated "
+                            "training (DDP) gets its weights, optimizer and loader position (each rank keeps its own "
+                            "shard) back exactly, but every rank's random generators restart from rank 0's. Sharded "
+                            "models (FSDP) are not saved whole.", world, rank)
+        return rank == 0
+
     def _save(self, step: int, reasons: tuple[str, ...], changes: Sequence[dict[str, Any]],
               early: Mapping[str, Any] | None = None) -> bool:
         assert self._experiment is not None
+        if not self._writes():
+            return False
         ref = f"{self._experiment.hash}@{step}"
         skipping = self.config.backpressure == "skip" and not self.config.strict and "preempt" not in reasons
         if skipping and not self._writer.has_room():
@@ -1028,7 +1052,7 @@ class AutomaticCheckpointSystem:
             self._deferred, self._optimizer_ran = None, False
             self._stepped.clear()
             self._open_experiment(fp, parent=Parent(manifest.experiment, manifest.step, "fork", tuple(lines)))
-            if name is not None:
+            if name is not None and self._writes():
                 self.manager.name_experiment(fp.hash, name)
             log.info("forked %s -> new experiment %s%s at step %d: %s", manifest.ref, fp.hash,
                      f" ({name!r})" if name else "", manifest.step, "; ".join(lines) or "no hyperparameter changes")
