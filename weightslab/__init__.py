@@ -44,11 +44,16 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    import importlib
+    import importlib.util
+
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'weightslab' has no attribute {name!r}")
-    import importlib
-
+        # A submodule used as an attribute (wl.data.ResumableSampler), or asked for by the import
+        # system itself (`from . import hyperparams` inside the package): import just that.
+        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'weightslab' has no attribute {name!r}")
+        return importlib.import_module(f"{__name__}.{name}")
     importlib.import_module(f"{__name__}.system")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
