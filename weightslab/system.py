@@ -49,6 +49,7 @@ from .ledger import (LEDGER, Entry, Ledger, register_model, register_optimizer, 
 from .manager import CheckpointEntry, CheckpointManager, SaveRequest
 from .manifest import Manifest
 from .refs import check_name, parse_ref
+from .remote import RemoteRoot, is_remote, staging_dir
 from .preemption import PreemptionGuard, signal_numbers
 from .retention import KeepBest, Retention
 from .snapshot import Snapshotter
@@ -81,8 +82,11 @@ def _default_root() -> Path:
 class CheckpointConfig:
     """Settings of the checkpoint system; the defaults serve a person who passes nothing."""
 
-    #: Where experiments go. Default: ``$WEIGHTSLAB_ROOT`` or ``./experiments``.
-    root_log_dir: Path = field(default_factory=_default_root)
+    #: Where experiments go. Default: ``$WEIGHTSLAB_ROOT`` or ``./experiments``. An fsspec URL
+    #: (``s3://bucket/runs``, ``gs://...``, ``file://...``, ``memory://...``) is a remote root:
+    #: training writes to a local staging root (``$WEIGHTSLAB_STAGING`` or
+    #: ``~/.cache/weightslab/staging``) and every checkpoint is uploaded in the background.
+    root_log_dir: Path | str = field(default_factory=_default_root)
     #: Save when ``step % checkpoint_frequency == 0``; None saves only on changes and at exit.
     checkpoint_frequency: int | None = 100
     #: Raise save failures at once (saves become synchronous) instead of logging and keeping them.
@@ -135,10 +139,16 @@ class CheckpointConfig:
     #: ``{"train.learning_rate": "lr"}`` (every optimizer) or ``{"gan.d_lr": "discriminator.lr"}``.
     optimizer_keys: Mapping[str, str] = field(default_factory=dict)
 
+    @property
+    def local_root(self) -> Path:
+        """The directory checkpoints are written to: the root, or a remote root's staging root."""
+        return staging_dir(self.root_log_dir) if is_remote(self.root_log_dir) else Path(self.root_log_dir)
+
     def __post_init__(self) -> None:
         if not isinstance(self.root_log_dir, (str, os.PathLike)):
-            raise ConfigError(f"root_log_dir must be a path, got {type(self.root_log_dir).__name__}")
-        object.__setattr__(self, "root_log_dir", Path(self.root_log_dir).expanduser().absolute())
+            raise ConfigError(f"root_log_dir must be a path or an fsspec URL, got {type(self.root_log_dir).__name__}")
+        if not is_remote(self.root_log_dir):
+            object.__setattr__(self, "root_log_dir", Path(self.root_log_dir).expanduser().absolute())
         freq = self.checkpoint_frequency
         if freq is not None and (isinstance(freq, bool) or not isinstance(freq, int) or freq < 1):
             raise ConfigError(f"checkpoint_frequency must be a positive integer (save every N steps) or None "
@@ -326,10 +336,13 @@ class AutomaticCheckpointSystem:
         self.config = config
         self.ledger = ledger
         try:
-            self.manager = CheckpointManager(config.root_log_dir, compression=config.compression, delta=config.delta,
+            self.manager = CheckpointManager(config.local_root, compression=config.compression, delta=config.delta,
                                              reanchor_interval=config.reanchor_interval, sweep=_rank()[0] == 0)
+            self._remote = RemoteRoot(config.root_log_dir, self.manager.layout) \
+                if is_remote(config.root_log_dir) else None
         except ImportError as exc:
             raise ConfigError(str(exc)) from exc
+        self._unpushed: list[Manifest] = []  # committed locally, not uploaded yet (a failed push)
         best = [p for p in (config.retention.policies if config.retention else ()) if isinstance(p, KeepBest)]
         if best:  # a bare "<hash>@best" ranks by the metric retention keeps the best of
             self.manager.best_metric = (best[0].metric, best[0].mode)
@@ -375,7 +388,7 @@ class AutomaticCheckpointSystem:
     # --- properties -------------------------------------------------------------------------
     @property
     def root(self) -> Path:
-        return self.config.root_log_dir
+        return self.config.local_root
 
     @property
     def closed(self) -> bool:
@@ -817,16 +830,52 @@ class AutomaticCheckpointSystem:
             raise
         self._snapshotter.committed(request.snapshot, refs)
         self._snapshotter.release(request.snapshot)  # its buffers serve the next snapshots
+        deleted: tuple[Any, ...] = ()
         retention = self.config.retention
         if retention is not None and not retention.keeps_everything:
             try:
-                self.manager.apply_retention(retention, experiments=[manifest.experiment])
+                deleted = self.manager.apply_retention(retention, experiments=[manifest.experiment]).delete
             except Exception as exc:  # the checkpoint itself is committed: report, do not fail it
                 log.warning("retention after checkpoint %s failed: %s: %s", manifest.ref, type(exc).__name__, exc)
                 self._writer.keep(exc)
+        if self._remote is not None:
+            self._push(manifest, deleted)
         log.debug("committed checkpoint %s (%s, %d tensors, %d bytes)", manifest.ref, ", ".join(manifest.reasons),
                   len(manifest.tensors), manifest.total_bytes)
         return manifest
+
+    def _push(self, manifest: Manifest, deleted: Sequence[Any]) -> None:
+        """Upload a committed checkpoint (and any whose upload failed before) to the remote root;
+        a failure is kept and raised from wait()/close(), and retried with the next checkpoint."""
+        assert self._remote is not None
+        self._unpushed.append(manifest)
+        try:
+            self._remote.push(self._unpushed)
+            self._unpushed.clear()
+            for record in deleted:
+                self._remote.delete(record.experiment, record.step)
+        except Exception as exc:
+            log.warning("uploading checkpoint %s to %s failed: %s: %s (it is committed locally under %s; the upload "
+                        "is retried with the next checkpoint)", manifest.ref, self.config.root_log_dir,
+                        type(exc).__name__, exc, self.root)
+            self._writer.keep(exc)
+
+    def _push_names(self) -> None:
+        if self._remote is None:
+            return
+        try:
+            self._remote.push_names()
+        except Exception as exc:  # the name is kept locally; say so, and raise it from wait()
+            log.warning("uploading experiment names to %s failed: %s: %s", self.config.root_log_dir,
+                        type(exc).__name__, exc)
+            self._writer.keep(exc)
+
+    def _pull_index(self) -> None:
+        """Before looking for checkpoints: what the remote root holds, in the staging root."""
+        if self._remote is not None:
+            fetched = self._remote.pull_index()
+            if fetched:
+                log.info("fetched %d manifests and records from %s", fetched, self.config.root_log_dir)
 
     def _fail(self, what: str, exc: BaseException) -> None:
         if self.config.strict:
@@ -936,6 +985,7 @@ class AutomaticCheckpointSystem:
         return self._hasher.fingerprint(models, hparams, branch=self._branch).hash
 
     def _candidates(self, ref: str | os.PathLike[str]) -> tuple[list[CheckpointEntry], bool]:
+        self._pull_index()
         parsed = parse_ref(ref)
         current = self._current_hash() if parsed.latest else None
         return self.manager.candidates(parsed, current=current), parsed.latest or parsed.step is None
@@ -1054,6 +1104,7 @@ class AutomaticCheckpointSystem:
             self._open_experiment(fp, parent=Parent(manifest.experiment, manifest.step, "fork", tuple(lines)))
             if name is not None and self._writes():
                 self.manager.name_experiment(fp.hash, name)
+                self._push_names()
             log.info("forked %s -> new experiment %s%s at step %d: %s", manifest.ref, fp.hash,
                      f" ({name!r})" if name else "", manifest.step, "; ".join(lines) or "no hyperparameter changes")
             self._save(manifest.step, ("fork",), [{"kind": "fork", "from": manifest.ref, "name": name, "diff": lines}])
@@ -1105,6 +1156,7 @@ class AutomaticCheckpointSystem:
             self.manager.name_experiment(exp, name, replace=replace)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        self._push_names()
         return exp
 
     def _overrides(self, manifest: Manifest, overrides: Mapping[str, Any]) -> dict[str, Edit]:
@@ -1144,6 +1196,8 @@ class AutomaticCheckpointSystem:
             try:
                 manifest = self.manager.read_manifest(entry)
                 _state.check_compatible(self.ledger, manifest.state, self.manager.tensor_meta(manifest))
+                if self._remote is not None:
+                    self._remote.pull_packs(manifest)
                 return manifest, self.manager.load_tensors(manifest), entry.path
             except CorruptCheckpointError as exc:
                 if not (may_fall_back and fall_back):

@@ -1,0 +1,169 @@
+"""Remote roots (fsspec URLs), against fsspec's real memory and local filesystems: the checkpoint is
+uploaded after its local commit with the manifest last, discovery sees only committed checkpoints,
+and a process with an empty staging root resumes exactly from the remote copy."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import weightslab as wl
+from weightslab.remote import RemoteRoot
+
+from .conftest import run_python
+from .test_resume_exact import _assert_same, _kill_when, _spawn, _start_of, _train
+
+fsspec = pytest.importorskip("fsspec")
+
+
+class Run:
+    def __init__(self, url: str, **settings):
+        settings = {"checkpoint_frequency": 2, "save_on_close": False, **settings}
+        self.system = wl.get_checkpoint_system(root_log_dir=url, **settings)
+        wl.register_hyperparams({"lr": 0.01})
+        torch.manual_seed(0)
+        self.model = wl.register_model(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)))
+        self.opt = wl.register_optimizer(torch.optim.Adam(self.model.parameters(), lr=0.01))
+
+    def train(self, first: int, last: int) -> None:
+        gen = torch.Generator().manual_seed(first)
+        for step in range(first, last + 1):
+            self.opt.zero_grad()
+            self.model(torch.randn(4, 3, generator=gen)).pow(2).mean().backward()
+            self.opt.step()
+            wl.checkpoint_on_step(step, metrics={"loss": 1.0 / step})
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {f"m/{k}": v.clone() for k, v in self.model.state_dict().items()}
+        for i, s in self.opt.state_dict()["state"].items():
+            out.update({f"o/{i}/{k}": torch.as_tensor(v).clone() for k, v in s.items()})
+        return out
+
+    def close(self) -> None:
+        self.system.close()
+        wl.unregister("main")
+
+
+@pytest.fixture
+def url() -> str:
+    return f"memory://weightslab-test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def staging(tmp_path, monkeypatch):
+    """Point the staging root somewhere new; call it again for a 'new machine'."""
+    def new(name: str) -> Path:
+        path = tmp_path / name
+        monkeypatch.setenv("WEIGHTSLAB_STAGING", str(path))
+        return path
+    return new
+
+
+def _remote_steps(url: str) -> list[int]:
+    fs, base = fsspec.core.url_to_fs(url)
+    names = [p.rsplit("/", 1)[-1] for p in fs.glob(f"{base.rstrip('/')}/checkpoints/*/model/*_step_*.json")]
+    return sorted(int(n.split("_step_")[1].split(".")[0]) for n in names)
+
+
+def test_a_new_machine_resumes_exactly_from_the_remote_root(url, staging):
+    first = staging("machine-a")
+    run = Run(url)
+    run.train(1, 6)
+    run.system.wait()
+    assert run.system.root.is_relative_to(first)  # training wrote to the staging root
+    expected = run.state()
+    run.close()
+    assert _remote_steps(url) == [2, 4, 6]
+
+    second = staging("machine-b")  # nothing local: everything comes from the remote root
+    again = Run(url)
+    assert again.system.resume() == 6
+    assert again.system.root.is_relative_to(second)
+    got = again.state()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert again.system.peek("latest").step == 6
+    again.train(7, 8)
+    again.system.wait()
+    assert _remote_steps(url) == [2, 4, 6, 8]
+    again.close()
+
+
+def test_an_upload_that_stops_before_the_manifest_is_invisible_and_retried(url, staging, monkeypatch, caplog):
+    staging("machine-a")
+    run = Run(url)
+    run.train(1, 2)
+    run.system.wait()
+    put = RemoteRoot._put
+
+    def fail_on_manifests(self, local, remote):
+        if "_step_" in remote:
+            raise ConnectionError("the network went away")
+        return put(self, local, remote)
+
+    monkeypatch.setattr(RemoteRoot, "_put", fail_on_manifests)
+    with caplog.at_level(logging.WARNING, logger="weightslab"):
+        run.train(3, 4)
+        with pytest.raises(wl.CheckpointSaveError, match="the network went away"):
+            run.system.wait()  # never silent
+    assert any("committed locally" in r.getMessage() for r in caplog.records)
+    assert _remote_steps(url) == [2]  # the packs of step 4 went up, its commit object did not
+    fs, base = fsspec.core.url_to_fs(url)
+    assert len(fs.glob(f"{base}/objects/*/*.safetensors")) >= 2
+    monkeypatch.setattr(RemoteRoot, "_put", put)
+    run.train(5, 6)  # the next push uploads the missing manifest too
+    run.system.wait()
+    assert _remote_steps(url) == [2, 4, 6]
+    run.close()
+
+
+def test_retention_deletes_remote_checkpoints_too(url, staging):
+    staging("machine-a")
+    run = Run(url, retention={"keep_last": 2})
+    run.train(1, 8)
+    run.system.wait()
+    assert _remote_steps(url) == [6, 8]
+    run.close()
+
+
+def test_names_go_up_and_resolve_on_another_machine(url, staging):
+    staging("machine-a")
+    run = Run(url)
+    run.train(1, 4)
+    exp = run.system.name_experiment("baseline")
+    run.system.wait()
+    run.close()
+    staging("machine-b")
+    again = Run(url)
+    assert again.system.resume("baseline@2") == 2 and again.system.experiment_hash == exp
+    again.close()
+
+
+def test_a_killed_process_resumes_from_a_file_url_on_another_staging_root(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    _train(tmp_path / "r0", straight)
+    url = f"file://{tmp_path / 'remote'}"
+    monkeypatch.setenv("WEIGHTSLAB_STAGING", str(tmp_path / "staging-a"))
+    proc = _spawn(url, tmp_path / "out", "--pause-at", "25")
+    _kill_when(proc, "READY")  # wait() returned: step 25 is durable locally and uploaded
+    monkeypatch.setenv("WEIGHTSLAB_STAGING", str(tmp_path / "staging-b"))
+    stdout = _train(url, tmp_path / "out")
+    assert _start_of(stdout) == 25
+    _assert_same(straight, tmp_path / "out")
+
+
+def test_without_fsspec_the_error_names_the_extra(tmp_path):
+    proc = run_python("""
+import sys
+sys.modules["fsspec"] = None  # as if it were not installed
+import weightslab as wl
+try:
+    wl.get_checkpoint_system(root_log_dir="s3://bucket/runs")
+except wl.ConfigError as exc:
+    print("ERROR", exc)
+""", env={"WEIGHTSLAB_STAGING": str(tmp_path)})
+    assert "ERROR" in proc.stdout and "pip install 'weightslab[remote]'" in proc.stdout
