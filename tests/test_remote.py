@@ -4,6 +4,7 @@ and a process with an empty staging root resumes exactly from the remote copy.""
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from pathlib import Path
@@ -167,3 +168,29 @@ except wl.ConfigError as exc:
     print("ERROR", exc)
 """, env={"WEIGHTSLAB_STAGING": str(tmp_path)})
     assert "ERROR" in proc.stdout and "pip install 'weightslab[remote]'" in proc.stdout
+
+
+def test_the_command_line_reads_a_remote_root(tmp_path, staging):
+    from .test_cli import weightslab
+
+    url = f"file://{tmp_path / 'bucket'}"
+    staging("trainer")
+    run = Run(url)
+    run.train(1, 6)
+    run.system.name_experiment("base")
+    run.system.wait()
+    run.close()
+    env = {"WEIGHTSLAB_STAGING": str(tmp_path / "cli")}  # another machine: nothing local
+    listing = weightslab("ls", "--json", "--root", url, env=env)
+    assert listing.returncode == 0, listing.stderr
+    (row,) = json.loads(listing.stdout)
+    assert row["names"] == ["base"] and row["checkpoints"] == 3 and row["last_step"] == 6
+    shown = weightslab("show", "base@4", "--root", url, env=env)
+    assert shown.returncode == 0 and "checkpoint" in shown.stdout and "@4" in shown.stdout
+    diff = json.loads(weightslab("diff", "base@2", "base@6", "--json", "--root", url, env=env).stdout)
+    assert all(t["relative_l2"] > 0 for t in diff["tensors"])  # packs fetched on demand, verified
+    assert weightslab("verify", "--root", url, env=env).returncode == 0
+    refused = weightslab("gc", "--root", url, env=env)
+    assert refused.returncode == 2 and "not supported yet" in refused.stderr
+    missing = weightslab("ls", "--root", f"file://{tmp_path / 'nothing'}", env=env)
+    assert missing.returncode == 3 and "not a weightslab root" in missing.stderr

@@ -24,6 +24,7 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersi
 from .experiment import ExperimentRecord
 from .layout import Layout
 from .names import read_names
+from .remote import RemoteRoot, is_remote, staging_dir
 
 __all__ = ["main", "EXIT_CODES"]
 
@@ -96,11 +97,42 @@ def _number(value: float) -> str:
 
 # --- the root ----------------------------------------------------------------------------------------
 def _root(args: argparse.Namespace) -> Path:
-    root = Path(args.root or os.environ.get("WEIGHTSLAB_ROOT") or "experiments").expanduser().absolute()
+    given = args.root or os.environ.get("WEIGHTSLAB_ROOT") or "experiments"
+    if is_remote(given):
+        return _remote_view(args, given)
+    root = Path(given).expanduser().absolute()
     if not (root / "checkpoints").is_dir() and not (root / "objects").is_dir():
         raise CliError(f"{root} is not a weightslab root (no checkpoints/ or objects/ in it); pass --root with the "
                        "root_log_dir your training used, or set WEIGHTSLAB_ROOT", 3)
     return root
+
+
+def _remote_view(args: argparse.Namespace, url: str) -> Path:
+    """A remote root, read through a local mirror of its manifests (packs are fetched on demand)."""
+    if args.command in ("gc", "prune"):
+        raise CliError(f"{args.command} changes a root; on a remote root ({url}) it is not supported yet. Retention "
+                       "set in the training's CheckpointConfig deletes remote checkpoints too", 2)
+    if getattr(args, "remote", None) is None:
+        layout = Layout(staging_dir(url, view=True))
+        try:
+            args.remote = RemoteRoot(url, layout)
+            args.remote.pull_index(mirror=True)
+        except ImportError as exc:
+            raise CliError(str(exc), 6) from None
+        except OSError as exc:
+            raise CliError(f"{url} cannot be read ({type(exc).__name__}: {exc}); check the URL and the credentials", 3)
+    root = args.remote.layout.root
+    if not (root / "checkpoints").is_dir():
+        raise CliError(f"{url} is not a weightslab root (it holds no committed checkpoint); pass --root with the "
+                       "root_log_dir your training used", 3)
+    return root
+
+
+def _fetch(args: argparse.Namespace, manifests: Iterable[Any]) -> None:
+    """On a remote root: the packs these checkpoints need, into the local mirror."""
+    if getattr(args, "remote", None) is not None:
+        for manifest in manifests:
+            args.remote.pull_packs(manifest)
 
 
 def _manager(args: argparse.Namespace) -> Any:
@@ -335,6 +367,7 @@ def cmd_diff(args: argparse.Namespace, out: Out) -> int:
     manager = _manager(args)
     ea, eb = _entry(manager, args.a), _entry(manager, args.b)
     ma, mb = manager.read_manifest(ea), manager.read_manifest(eb)
+    _fetch(args, (ma, mb))
     ra, rb = manager.read_experiment(ma.experiment), manager.read_experiment(mb.experiment)
     from .fingerprint import diff_architecture, diff_hyperparams
     hp = diff_hyperparams(_hyperparams(ma), _hyperparams(mb))
@@ -385,6 +418,9 @@ def cmd_verify(args: argparse.Namespace, out: Out) -> int:
     manager = _manager(args)
     if args.ref is not None:
         _entry(manager, args.ref)  # an unknown ref is exit 4, not "damaged"
+    if getattr(args, "remote", None) is not None:  # verifying a remote root reads every byte of it
+        entries = [_entry(manager, args.ref)] if args.ref is not None else manager.checkpoints()
+        _fetch(args, (manager.read_manifest(e) for e in entries))
     report = manager.verify(args.ref, progress=_progress_bar(sys.stderr))
     if args.json:
         out.json({"ok": report.ok, "checked": list(report.checked), "blobs": report.blobs, "bytes": report.nbytes,
@@ -454,6 +490,7 @@ def cmd_export(args: argparse.Namespace, out: Out) -> int:
     from .portable import export
     manager = _manager(args)
     entry = _entry(manager, args.ref)
+    _fetch(args, [manager.read_manifest(entry)])
     try:
         path = export(str(entry.path), args.out, root=manager.layout.root, model=args.model)
     except ValueError as exc:

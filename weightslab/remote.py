@@ -45,11 +45,13 @@ def is_remote(root: object) -> bool:
     return isinstance(root, str) and "://" in root
 
 
-def staging_dir(url: str) -> Path:
+def staging_dir(url: str, *, view: bool = False) -> Path:
     """Where the local mirror of remote root ``url`` lives: ``$WEIGHTSLAB_STAGING`` or
-    ``~/.cache/weightslab/staging``, one directory per URL."""
+    ``~/.cache/weightslab/staging``, one directory per URL; ``view=True``: the command line's
+    read-only mirror, apart from any training's staging root."""
     base = Path(os.environ.get("WEIGHTSLAB_STAGING") or Path.home() / ".cache" / "weightslab" / "staging")
-    return (base / hashlib.sha256(url.encode()).hexdigest()[:16]).expanduser().absolute()
+    name = hashlib.sha256(url.encode()).hexdigest()[:16] + ("-view" if view else "")
+    return (base / name).expanduser().absolute()
 
 
 def _fsspec() -> Any:
@@ -121,21 +123,35 @@ class RemoteRoot:
         with atomic_path(local) as temporary:
             self.fs.get_file(remote, str(temporary))
 
-    def pull_index(self) -> int:
+    def pull_index(self, *, mirror: bool = False) -> int:
         """Bring the remote root's manifests, experiment files and names into the staging root
-        (those not there yet); return how many files were fetched."""
+        (those not there yet); return how many files were fetched.
+
+        ``mirror=True`` also deletes local manifests and names the remote root no longer has: only
+        for a read-only view (the command line's), never for a training's staging root, which may
+        hold checkpoints not uploaded yet."""
         patterns = (f"{self.base}/checkpoints/*/experiment.json", f"{self.base}/checkpoints/*/model/*",
                     f"{self.base}/checkpoints/*/hp/*", f"{self.base}/names/*.json")
         fetched = 0
+        seen: set[Path] = set()
         for pattern in patterns:
             for remote in sorted(self.fs.glob(pattern)):
                 name = remote.rsplit("/", 1)[-1]
                 if name.startswith(".tmp."):
                     continue  # an upload in progress, or one that died
                 local = self.layout.root / remote[len(self.base) + 1:].lstrip("/")
+                seen.add(local)
                 if not local.exists() or local.parent == self.layout.names_dir:
                     self._download(remote, local)
                     fetched += 1
+        if mirror:
+            for h in self.layout.experiments():
+                for _, local in self.layout.manifests(h):
+                    if local not in seen:
+                        local.unlink(missing_ok=True)
+            for local in self.layout.names_dir.glob("*.json"):
+                if local not in seen:
+                    local.unlink(missing_ok=True)
         return fetched
 
     def pull_packs(self, manifest: Manifest) -> int:
