@@ -190,7 +190,38 @@ def test_the_command_line_reads_a_remote_root(tmp_path, staging):
     diff = json.loads(weightslab("diff", "base@2", "base@6", "--json", "--root", url, env=env).stdout)
     assert all(t["relative_l2"] > 0 for t in diff["tensors"])  # packs fetched on demand, verified
     assert weightslab("verify", "--root", url, env=env).returncode == 0
-    refused = weightslab("gc", "--root", url, env=env)
-    assert refused.returncode == 2 and "not supported yet" in refused.stderr
+    pruned = weightslab("prune", "--keep-last", "1", "--json", "--root", url, env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert len(json.loads(pruned.stdout)["delete"]) == 2 and _remote_steps(url) == [6]
+    collected = json.loads(weightslab("gc", "--grace", "0", "--json", "--root", url, env=env).stdout)
+    assert collected["bytes_freed"] > 0 and collected["packs_deleted"] >= 1
+    staging("after-gc")  # what is left still resumes, every byte verified
+    again = Run(url)
+    assert again.system.resume() == 6
+    again.close()
     missing = weightslab("ls", "--root", f"file://{tmp_path / 'nothing'}", env=env)
     assert missing.returncode == 3 and "not a weightslab root" in missing.stderr
+
+
+def test_gc_of_a_remote_root_deletes_only_old_unreferenced_objects(url, staging):
+    staging("machine-a")
+    run = Run(url)
+    run.train(1, 4)
+    run.system.wait()
+    run.close()
+    fs, base = fsspec.core.url_to_fs(url)
+    live = sorted(fs.glob(f"{base}/objects/*/*.safetensors"))
+    fs.pipe(f"{base}/objects/zz/{'0' * 62}.safetensors", b"an orphan pack")  # no manifest names it
+    fs.pipe(f"{base}/objects/zz/.tmp.dead.upload.safetensors", b"a dead upload")
+    young = wl.gc(root=url)  # default grace: both are too young to judge
+    assert young.packs_deleted == 0 and young.bytes_dead_kept == len(b"an orphan pack") + len(b"a dead upload")
+    dry = wl.gc(root=url, grace_seconds=0, dry_run=True)
+    assert dry.packs_deleted == 2 and len(fs.glob(f"{base}/objects/zz/*")) == 2  # a dry run deletes nothing
+    report = wl.gc(root=url, grace_seconds=0)
+    assert report.packs_deleted == 2 and report.bytes_freed == len(b"an orphan pack") + len(b"a dead upload")
+    assert sorted(fs.glob(f"{base}/objects/*/*.safetensors")) == live
+    assert not fs.exists(f"{base}/objects/zz/.tmp.dead.upload.safetensors")
+    staging("machine-b")
+    again = Run(url)
+    assert again.system.resume() == 4
+    again.close()

@@ -109,9 +109,6 @@ def _root(args: argparse.Namespace) -> Path:
 
 def _remote_view(args: argparse.Namespace, url: str) -> Path:
     """A remote root, read through a local mirror of its manifests (packs are fetched on demand)."""
-    if args.command in ("gc", "prune"):
-        raise CliError(f"{args.command} changes a root; on a remote root ({url}) it is not supported yet. Retention "
-                       "set in the training's CheckpointConfig deletes remote checkpoints too", 2)
     if getattr(args, "remote", None) is None:
         layout = Layout(staging_dir(url, view=True))
         try:
@@ -437,7 +434,10 @@ def cmd_verify(args: argparse.Namespace, out: Out) -> int:
 def cmd_gc(args: argparse.Namespace, out: Out) -> int:
     from . import garbage
     manager = _manager(args)
-    report = garbage.collect(manager, grace_seconds=args.grace, dry_run=args.dry_run)
+    if getattr(args, "remote", None) is not None:  # the bucket's packs, not the local mirror's
+        report = args.remote.collect(grace_seconds=args.grace, dry_run=args.dry_run)
+    else:
+        report = garbage.collect(manager, grace_seconds=args.grace, dry_run=args.dry_run)
     if args.json:
         out.json(dataclasses.asdict(report))
     else:
@@ -472,6 +472,9 @@ def cmd_prune(args: argparse.Namespace, out: Out) -> int:
     plan = manager.apply_retention(retention, dry_run=True)
     freed = _bytes_only_in(manager, plan.delete_refs, plan.keep_refs)
     if not args.dry_run and plan.delete:
+        if getattr(args, "remote", None) is not None:  # the commit objects in the bucket go first
+            for record in plan.delete:
+                args.remote.delete(record.experiment, record.step)
         plan = manager.apply_retention(retention)
     if args.json:
         out.json({"dry_run": args.dry_run, "delete": list(plan.delete_refs), "keep": {r: list(plan.why.get(r, ()))

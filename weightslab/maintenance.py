@@ -19,6 +19,8 @@ from .garbage import GcReport
 from .manager import VerifyReport
 from .retention import Retention, RetentionPlan
 from .errors import ConfigError
+from .layout import Layout
+from .remote import RemoteRoot, is_remote, staging_dir
 from .system import manager_for, running_system
 
 __all__ = ["verify", "prune", "gc", "name_experiment"]
@@ -58,7 +60,11 @@ def gc(*, root: str | os.PathLike[str] | None = None, grace_seconds: float = 300
 
     Safe while other processes save into the same root. Packs younger than ``grace_seconds``
     are left alone; packs less than ``repack_below`` live are rewritten with their live blobs.
+    ``root`` may be a remote root's URL: its unreferenced packs are deleted (never rewritten).
     """
+    if is_remote(root):  # a bucket: its packs no remote manifest references (never rewritten)
+        return RemoteRoot(str(root), Layout(staging_dir(str(root), view=True))).collect(
+            grace_seconds=grace_seconds, dry_run=dry_run)
     return garbage.collect(manager_for(root), grace_seconds=grace_seconds, repack_below=repack_below,
                            dry_run=dry_run)
 

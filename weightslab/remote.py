@@ -24,16 +24,22 @@ root is used.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .atomic import atomic_path, make_dirs
-from .layout import Layout
+from .errors import CorruptCheckpointError, WeightslabError
+from .layout import PACK_SUFFIX, Layout
 from .manifest import Manifest
+
+if TYPE_CHECKING:  # (garbage imports the manager, and torch with it: not on the listing path)
+    from .garbage import GcReport
 
 __all__ = ["RemoteRoot", "is_remote", "staging_dir"]
 
@@ -52,6 +58,23 @@ def staging_dir(url: str, *, view: bool = False) -> Path:
     base = Path(os.environ.get("WEIGHTSLAB_STAGING") or Path.home() / ".cache" / "weightslab" / "staging")
     name = hashlib.sha256(url.encode()).hexdigest()[:16] + ("-view" if view else "")
     return (base / name).expanduser().absolute()
+
+
+def _modified(info: Mapping[str, Any]) -> float | None:
+    """When an object was last written, in seconds since the epoch, from what its filesystem reports
+    (local: ``mtime``; S3: ``LastModified``; GCS: ``updated``; memory: ``created``); None if unknown."""
+    for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, _dt.datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)).timestamp()
+        if isinstance(value, str):
+            try:
+                return _dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
 
 
 def _fsspec() -> Any:
@@ -164,3 +187,56 @@ class RemoteRoot:
                 self._download(self._remote(local), local)
                 fetched += local.stat().st_size
         return fetched
+
+    # --- garbage collection -----------------------------------------------------------------
+    def collect(self, *, grace_seconds: float = 300.0, dry_run: bool = False) -> GcReport:
+        """Delete the remote packs no remote manifest references, and dead temporary objects.
+
+        Packs (and temporary objects) younger than ``grace_seconds`` are left alone: a trainer
+        uploads a checkpoint's packs before its manifest. A pack whose age the filesystem does not
+        report is kept. Remote packs are never rewritten: a pack with one live blob stays whole.
+        """
+        from .garbage import GcReport
+
+        if grace_seconds < 0:
+            raise ValueError("grace_seconds must be >= 0")
+        live: set[str] = set()
+        digests: set[str] = set()
+        for remote in self.fs.glob(f"{self.base}/checkpoints/*/model/*_step_*.json"):
+            if remote.rsplit("/", 1)[-1].startswith(".tmp."):
+                continue
+            try:
+                manifest = Manifest.from_bytes(self.fs.cat_file(remote), path=remote)
+            except CorruptCheckpointError as exc:
+                raise WeightslabError(f"garbage collection of {self.url} stopped before deleting anything: {exc}. "
+                                      "Delete that manifest or restore it, then run gc again.") from exc
+            for tensor in manifest.tensors.values():
+                for blob in tensor.blob.chain():
+                    live.add(blob.pack)
+                    digests.add(blob.digest)
+        now = time.time()
+        deleted = freed = live_bytes = dead_kept = 0
+        objects = self.fs.glob(f"{self.base}/objects/*/*")
+        for remote in objects:
+            folder, name = remote.rsplit("/", 2)[-2:]
+            temporary = name.startswith(".tmp.")
+            if not temporary and not name.endswith(PACK_SUFFIX):
+                continue
+            info = self.fs.info(remote)
+            size = int(info.get("size") or 0)
+            pack = folder + name[: -len(PACK_SUFFIX)] if not temporary else None
+            if pack in live:
+                live_bytes += size
+                continue
+            modified = _modified(info)
+            if modified is None or now - modified < grace_seconds:
+                dead_kept += size
+                continue
+            deleted += 1
+            freed += size
+            if not dry_run:
+                self.fs.rm(remote)
+        report = GcReport(packs_deleted=deleted, packs_rewritten=0, bytes_freed=freed, bytes_live=live_bytes,
+                          bytes_dead_kept=dead_kept, live_blobs=len(digests), dry_run=dry_run)
+        log.info("garbage collection of %s: %s", self.url, report)
+        return report
