@@ -225,3 +225,23 @@ def test_gc_of_a_remote_root_deletes_only_old_unreferenced_objects(url, staging)
     again = Run(url)
     assert again.system.resume() == 4
     again.close()
+
+
+def test_the_python_functions_take_a_remote_root_too(tmp_path, url, staging):
+    staging("machine-a")
+    run = Run(url)
+    run.train(1, 4)
+    run.system.wait()
+    expected = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.close()
+    staging("machine-b")
+    state = wl.load("latest", root=url)  # no system: a mirror of the bucket, packs fetched on demand
+    assert state["step"] == 4
+    assert all(torch.equal(state["models"]["main"][k], v) for k, v in expected.items())
+    report = wl.verify(root=url)
+    assert report.ok and len(report.checked) == 2
+    out = wl.export("latest", tmp_path / "w.safetensors", root=url)
+    from safetensors.torch import load_file
+    assert set(load_file(str(out))) == set(expected)
+    plan = wl.prune(keep_last=1, root=url)
+    assert len(plan.delete) == 1 and _remote_steps(url) == [4]  # deleted in the bucket, not only the mirror

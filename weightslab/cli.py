@@ -126,7 +126,8 @@ def _remote_view(args: argparse.Namespace, url: str) -> Path:
 
 
 def _fetch(args: argparse.Namespace, manifests: Iterable[Any]) -> None:
-    """On a remote root: the packs these checkpoints need, into the local mirror."""
+    """On a remote root: the packs these checkpoints need, into the local mirror (for the commands
+    that hand the mirror to code with a manager of its own, such as export)."""
     if getattr(args, "remote", None) is not None:
         for manifest in manifests:
             args.remote.pull_packs(manifest)
@@ -134,7 +135,9 @@ def _fetch(args: argparse.Namespace, manifests: Iterable[Any]) -> None:
 
 def _manager(args: argparse.Namespace) -> Any:
     from .manager import CheckpointManager  # imports torch: only the commands that read tensors need it
-    return CheckpointManager(_root(args))
+    manager = CheckpointManager(_root(args))
+    manager.remote = getattr(args, "remote", None)  # on a remote root, packs are fetched when read
+    return manager
 
 
 def _catalog(root: Any) -> Any:
@@ -364,7 +367,6 @@ def cmd_diff(args: argparse.Namespace, out: Out) -> int:
     manager = _manager(args)
     ea, eb = _entry(manager, args.a), _entry(manager, args.b)
     ma, mb = manager.read_manifest(ea), manager.read_manifest(eb)
-    _fetch(args, (ma, mb))
     ra, rb = manager.read_experiment(ma.experiment), manager.read_experiment(mb.experiment)
     from .fingerprint import diff_architecture, diff_hyperparams
     hp = diff_hyperparams(_hyperparams(ma), _hyperparams(mb))
@@ -415,9 +417,6 @@ def cmd_verify(args: argparse.Namespace, out: Out) -> int:
     manager = _manager(args)
     if args.ref is not None:
         _entry(manager, args.ref)  # an unknown ref is exit 4, not "damaged"
-    if getattr(args, "remote", None) is not None:  # verifying a remote root reads every byte of it
-        entries = [_entry(manager, args.ref)] if args.ref is not None else manager.checkpoints()
-        _fetch(args, (manager.read_manifest(e) for e in entries))
     report = manager.verify(args.ref, progress=_progress_bar(sys.stderr))
     if args.json:
         out.json({"ok": report.ok, "checked": list(report.checked), "blobs": report.blobs, "bytes": report.nbytes,
@@ -472,9 +471,9 @@ def cmd_prune(args: argparse.Namespace, out: Out) -> int:
     plan = manager.apply_retention(retention, dry_run=True)
     freed = _bytes_only_in(manager, plan.delete_refs, plan.keep_refs)
     if not args.dry_run and plan.delete:
-        if getattr(args, "remote", None) is not None:  # the commit objects in the bucket go first
+        if manager.remote is not None:  # the commit objects in the bucket go first
             for record in plan.delete:
-                args.remote.delete(record.experiment, record.step)
+                manager.remote.delete(record.experiment, record.step)
         plan = manager.apply_retention(retention)
     if args.json:
         out.json({"dry_run": args.dry_run, "delete": list(plan.delete_refs), "keep": {r: list(plan.why.get(r, ()))

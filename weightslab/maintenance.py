@@ -19,8 +19,7 @@ from .garbage import GcReport
 from .manager import VerifyReport
 from .retention import Retention, RetentionPlan
 from .errors import ConfigError
-from .layout import Layout
-from .remote import RemoteRoot, is_remote, staging_dir
+from .remote import is_remote
 from .system import manager_for, running_system
 
 __all__ = ["verify", "prune", "gc", "name_experiment"]
@@ -51,7 +50,11 @@ def prune(*, keep_last: int | None = None, keep_every: int | None = None, keep_b
                                  metric=metric, mode=mode, keep_changes=keep_changes)
     elif any(v is not None for v in (keep_last, keep_every, keep_best, metric)) or keep_changes:
         raise ValueError("pass either retention= or the keep_* arguments, not both")
-    return manager_for(root).apply_retention(retention, experiments=experiments, dry_run=dry_run)
+    manager = manager_for(root)
+    if manager.remote is not None and not dry_run:  # a remote root: its commit objects go first
+        for record in manager.apply_retention(retention, experiments=experiments, dry_run=True).delete:
+            manager.remote.delete(record.experiment, record.step)
+    return manager.apply_retention(retention, experiments=experiments, dry_run=dry_run)
 
 
 def gc(*, root: str | os.PathLike[str] | None = None, grace_seconds: float = 300.0, repack_below: float = 0.5,
@@ -60,13 +63,13 @@ def gc(*, root: str | os.PathLike[str] | None = None, grace_seconds: float = 300
 
     Safe while other processes save into the same root. Packs younger than ``grace_seconds``
     are left alone; packs less than ``repack_below`` live are rewritten with their live blobs.
-    ``root`` may be a remote root's URL: its unreferenced packs are deleted (never rewritten).
+    ``root`` may be a remote root's URL: its unreferenced packs are deleted (never rewritten); without
+    ``root``, a system training into a remote root collects its local staging root.
     """
-    if is_remote(root):  # a bucket: its packs no remote manifest references (never rewritten)
-        return RemoteRoot(str(root), Layout(staging_dir(str(root), view=True))).collect(
-            grace_seconds=grace_seconds, dry_run=dry_run)
-    return garbage.collect(manager_for(root), grace_seconds=grace_seconds, repack_below=repack_below,
-                           dry_run=dry_run)
+    manager = manager_for(root)
+    if is_remote(root):  # the bucket: its packs no remote manifest references (never rewritten)
+        return manager.remote.collect(grace_seconds=grace_seconds, dry_run=dry_run)
+    return garbage.collect(manager, grace_seconds=grace_seconds, repack_below=repack_below, dry_run=dry_run)
 
 
 def name_experiment(name: str, ref: str | os.PathLike[str] | None = None, *,

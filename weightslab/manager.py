@@ -166,6 +166,9 @@ class CheckpointManager:
         #: What a bare ``<hash>@best`` ranks by: (metric, "min" | "max"); the system sets its
         #: retention's keep_best metric here.
         self.best_metric: tuple[str, str] | None = None
+        #: For the staging root of a remote root: where packs this root lacks are fetched from
+        #: before they are read (a :class:`~weightslab.remote.RemoteRoot`).
+        self.remote: Any = None
         self._created: dict[Path, tuple[int, int, int]] = {}  # path -> (mtime, size, created_ns)
         # (sweep=False for a process that must not judge other writers' temporary files: a rank of a
         # distributed job on another host cannot tell whether a pid in a file name is alive.)
@@ -427,6 +430,8 @@ class CheckpointManager:
 
     def load_tensors(self, manifest: Manifest) -> dict[str, torch.Tensor]:
         """Every tensor of the checkpoint, each byte checked against its digest."""
+        if self.remote is not None:
+            self.remote.pull_packs(manifest)
         tensors: dict[str, torch.Tensor] = {}
         first: dict[tuple[str, str, tuple[int, ...]], str] = {}  # tied weights, repeated buffers: read once
         aliases: list[tuple[str, str]] = []
@@ -466,6 +471,8 @@ class CheckpointManager:
             checked.append(entry.ref)
             try:
                 manifest = self.read_manifest(entry)
+                if self.remote is not None:
+                    self.remote.pull_packs(manifest)
             except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
                 damaged.append((entry.ref, str(exc)))
                 continue

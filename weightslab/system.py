@@ -340,6 +340,7 @@ class AutomaticCheckpointSystem:
                                              reanchor_interval=config.reanchor_interval, sweep=_rank()[0] == 0)
             self._remote = RemoteRoot(config.root_log_dir, self.manager.layout) \
                 if is_remote(config.root_log_dir) else None
+            self.manager.remote = self._remote  # packs a restore needs are fetched before they are read
         except ImportError as exc:
             raise ConfigError(str(exc)) from exc
         self._unpushed: list[Manifest] = []  # committed locally, not uploaded yet (a failed push)
@@ -1196,8 +1197,6 @@ class AutomaticCheckpointSystem:
             try:
                 manifest = self.manager.read_manifest(entry)
                 _state.check_compatible(self.ledger, manifest.state, self.manager.tensor_meta(manifest))
-                if self._remote is not None:
-                    self._remote.pull_packs(manifest)
                 return manifest, self.manager.load_tensors(manifest), entry.path
             except CorruptCheckpointError as exc:
                 if not (may_fall_back and fall_back):
@@ -1368,7 +1367,12 @@ def running_system() -> AutomaticCheckpointSystem | None:
 
 def manager_for(root: str | os.PathLike[str] | None = None) -> CheckpointManager:
     """The checkpoint manager of ``root``; by default the running system's root, else
-    ``$WEIGHTSLAB_ROOT`` or ``./experiments``. Raises if that directory is not a weightslab root."""
+    ``$WEIGHTSLAB_ROOT`` or ``./experiments``. Raises if that directory is not a weightslab root.
+
+    A remote root's URL gives the manager of a local mirror of its manifests (fetched now), which
+    fetches packs when it reads them."""
+    if is_remote(root):
+        return _remote_manager(str(root))
     system = running_system()
     path = Path(root).expanduser().absolute() if root is not None else (system.root if system else _default_root().absolute())
     if system is not None and system.root == path:
@@ -1377,6 +1381,22 @@ def manager_for(root: str | os.PathLike[str] | None = None) -> CheckpointManager
         raise CheckpointNotFoundError(f"{path} is not a weightslab root (it has no checkpoints/ or objects/ "
                                       "directory); pass root= the root_log_dir your training used")
     return CheckpointManager(path)
+
+
+def _remote_manager(url: str) -> CheckpointManager:
+    system = running_system()
+    if system is not None and system.config.root_log_dir == url:
+        return system.manager  # the running system's staging root, with what it has not uploaded yet
+    manager = CheckpointManager(staging_dir(url, view=True))
+    manager.remote = RemoteRoot(url, manager.layout)
+    try:
+        manager.remote.pull_index(mirror=True)
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not manager.layout.checkpoints_dir.is_dir():
+        raise CheckpointNotFoundError(f"{url} is not a weightslab root (it holds no committed checkpoint); pass root= "
+                                      "the root_log_dir your training used")
+    return manager
 
 
 def _system() -> AutomaticCheckpointSystem:
