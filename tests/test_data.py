@@ -680,3 +680,66 @@ def test_unregistering_a_loader_undoes_it(root: Path) -> None:
     wl.unregister("train", kind="dataloader")
     assert type(loader) is DataLoader and loader.sampler is sampler and loader.generator is None
     system.close()
+
+
+# --- another world size: the position is resharded, never silently reused --------------------------
+def _epoch(world: int, rank: int, *, state: dict | None = None, take: int | None = None, size: int = 48) -> list[int]:
+    from weightslab.data import ResumableSampler
+    sampler = ResumableSampler(size, seed=3, rank=rank, world_size=world)
+    if state is not None:
+        sampler.load_state_dict(state)
+    out = []
+    for index in sampler:
+        out.append(index)
+        if take is not None and len(out) == take:
+            break
+    return out
+
+
+@pytest.mark.parametrize("saved_world, new_world, taken, repeated", [
+    (2, 4, 6, 0),   # 12 consumed: 3 each for 4 new ranks
+    (4, 2, 3, 0),
+    (2, 1, 5, 0),
+    (2, 4, 5, 2),   # 10 consumed: new ranks start at 2 (8 consumed), 2 samples seen twice
+])
+def test_a_sampler_position_is_resharded_across_world_sizes(saved_world, new_world, taken, repeated, caplog):
+    from weightslab.data import ResumableSampler
+    consumed = [i for r in range(saved_world) for i in _epoch(saved_world, r, take=taken)]
+    saved = ResumableSampler(48, seed=3, rank=0, world_size=saved_world)
+    saved.yielded = taken
+    state = saved.state_dict()
+    with caplog.at_level(logging.WARNING, logger="weightslab"):
+        rest = [i for r in range(new_world) for i in _epoch(new_world, r, state=state)]
+    warning = [rec.getMessage() for rec in caplog.records]
+    assert len(warning) == new_world and f"saved by {saved_world} ranks and is resumed by {new_world}" in warning[0]
+    assert (f"{repeated} samples of this epoch are seen twice" in warning[0]) == bool(repeated)
+    assert sorted(set(consumed) | set(rest)) == list(range(48))  # nothing of the epoch is skipped
+    assert len(consumed) + len(rest) == 48 + repeated
+    lengths = {len(_epoch(new_world, r, state=state)) for r in range(new_world)}
+    assert len(lengths) == 1  # every new rank runs the same number of steps
+
+
+def test_a_registered_loader_position_is_resharded(caplog):
+    from torch.utils.data import DataLoader
+
+    from weightslab.data import ResumableSampler, loader_state, make_resumable, restore_loader
+
+    def loader(world: int, rank: int) -> DataLoader:
+        dl = DataLoader(list(range(48)), batch_size=4, sampler=ResumableSampler(48, seed=1, rank=rank, world_size=world))
+        assert make_resumable(dl) is None
+        return dl
+
+    old = [loader(2, r) for r in range(2)]
+    seen = []
+    for dl in old:
+        it = iter(dl)
+        for _ in range(3):
+            seen += next(it).tolist()
+    state = loader_state(old[0])
+    assert state["world_size"] == 2
+    new = loader(1, 0)
+    with caplog.at_level(logging.WARNING, logger="weightslab"):
+        assert restore_loader(new, state)
+    rest = [i for batch in new for i in batch.tolist()]
+    assert sorted(seen + rest) == list(range(48))  # 24 consumed by two ranks, 24 left for one
+    assert any("resumed by 1" in r.getMessage() for r in caplog.records)

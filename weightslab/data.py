@@ -98,8 +98,31 @@ class ResumableSampler(Sampler[int]):
         if int(state["size"]) != self.size:
             raise ValueError(f"the saved sampler covered {state['size']} samples, this dataset has {self.size}; "
                              "a resume needs the same dataset")
-        self.epoch, self.start, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+        position = reshard(int(state["position"]), int(state.get("world_size", self.world_size)), self.world_size,
+                           what="the sampler position")
+        self.epoch, self.start, self.seed = int(state["epoch"]), position, int(state["seed"])
         self.yielded = self.start
+
+
+def reshard(position: int, saved_world: int, world: int, *, what: str, unit: int = 1) -> int:
+    """A per-rank position in an epoch saved by ``saved_world`` ranks, for ``world`` ranks.
+
+    Ranks of a data-parallel job consume the epoch's order in step, rank r taking every
+    ``world``-th index, so ``position * saved_world`` indices of the order were consumed; each new
+    rank continues at that point of the order, ``unit`` (samples per batch) at a time. When the
+    point does not fall on a boundary of the new world size it is moved back to one, and the samples
+    in between are seen twice, with a warning: every rank must start at the same position, or the
+    ranks would run different numbers of steps.
+    """
+    if saved_world == world:
+        return position
+    consumed = position * saved_world * unit
+    new = consumed // (world * unit)
+    repeated = consumed - new * world * unit
+    log.warning("%s was saved by %d ranks and is resumed by %d: each rank continues at position %d of its shard "
+                "(was %d)%s", what, saved_world, world, new, position,
+                f"; {repeated} samples of this epoch are seen twice" if repeated else "")
+    return new
 
 
 @dataclass
@@ -146,7 +169,8 @@ class _Tracker:
         return {"kind": "weightslab.loader", "epoch": epoch, "batches": batches,
                 "generator": generator,  # to start this epoch again, mid-way
                 "generator_now": loader.generator.get_state() if loader.generator is not None else None,
-                "seed": self.sampler.seed if self.sampler is not None else None}
+                "seed": self.sampler.seed if self.sampler is not None else None,
+                "world_size": self.sampler.world_size if self.sampler is not None else None}
 
 
 def _samples_per_batch(loader: DataLoader) -> int:
@@ -263,6 +287,9 @@ def restore_loader(loader: Any, state: Any) -> bool:
     tracker = getattr(loader, "__dict__", {}).get("_weightslab_tracker")
     if tracker is not None and isinstance(state, Mapping) and state.get("kind") == "weightslab.loader":
         epoch, batches = int(state["epoch"]), int(state["batches"])
+        if tracker.sampler is not None and state.get("world_size") is not None:
+            batches = reshard(batches, int(state["world_size"]), tracker.sampler.world_size,
+                              what="the position of a registered data loader", unit=_samples_per_batch(loader))
         if tracker.sampler is not None and state.get("seed") is not None:
             tracker.sampler.seed = int(state["seed"])  # the saved run's permutations, whatever seeds this one
         if tracker.sampler is None and "sampler" in state:  # a custom stateful sampler
