@@ -445,3 +445,15 @@ def test_resume_into_another_architecture_lists_the_differences_and_a_factory_re
     assert wl.get_optimizer().state[rebuilt[0].weight]["exp_avg"].shape == (16, 4)
     assert system.experiment_hash == ref.split("@")[0]
     system.close()
+
+
+def test_a_factory_that_returns_the_wrong_thing_registers_nothing(root):
+    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=2, save_on_close=False)
+    model = wl.register_model(_mlp(8))
+    opt = wl.register_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    _steps(model, opt, 2, 0)
+    system.wait()
+    with pytest.raises(wl.ConfigError, match="returned a str as optimizer 'main'"):
+        system.resume("latest", model_factory=lambda info: {"model": _mlp(8), "optimizer": "sgd"})
+    assert wl.get_model() is model and wl.get_optimizer() is opt  # nothing half-registered
+    system.close()

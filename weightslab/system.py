@@ -44,8 +44,7 @@ from .errors import (CheckpointNotFoundError, CheckpointSaveError, ConfigError, 
 from .experiment import ExperimentRecord, Parent
 from .fingerprint import ExperimentHashGenerator, Fingerprint, architecture_text, diff_architecture, diff_hyperparams
 from ._version import __version__
-from .ledger import (LEDGER, Entry, Ledger, register_model, register_optimizer, register_scaler,
-                     register_scheduler)
+from .ledger import LEDGER, Entry, Ledger
 from .manager import CheckpointEntry, CheckpointManager, SaveRequest
 from .manifest import Manifest
 from .refs import check_name, parse_ref
@@ -1141,14 +1140,19 @@ class AutomaticCheckpointSystem:
                 raise ConfigError(f"model_factory built new models, but the registered optimizer {name!r} trains the "
                                   "parameters of the old ones: return {'model': model, 'optimizer': optimizer} (and its "
                                   "scheduler) from model_factory")
-        register = {"model": register_model, "optimizer": register_optimizer, "scheduler": register_scheduler,
-                    "scaler": register_scaler}
+        expected = {"model": (torch.nn.Module, "a torch.nn.Module"),
+                    "optimizer": (torch.optim.Optimizer, "a torch.optim.Optimizer"),
+                    "scheduler": (object, "an object with load_state_dict()"),
+                    "scaler": (object, "an object with load_state_dict()")}
+        for kind, objects in by_kind.items():  # check everything before registering anything
+            cls, what = expected[kind]
+            for name, obj in objects.items():
+                if not isinstance(obj, cls) or not callable(getattr(obj, "load_state_dict", None)):
+                    raise ConfigError(f"model_factory returned a {type(obj).__name__} as {kind} {name!r}; "
+                                      f"return {what}")
         for kind in kinds:  # models first, so optimizers registered again can be matched to them
             for name, obj in by_kind.get(kind, {}).items():
-                if self.ledger is LEDGER:
-                    register[kind](name, obj)
-                else:
-                    self.ledger.register(Entry(kind, name, obj))
+                self.ledger.register(Entry(kind, name, obj))
 
     def name_experiment(self, name: str, *, replace: bool = False) -> str:
         """Give the current experiment a human name, usable in refs (``name@latest``); returns its hash."""
