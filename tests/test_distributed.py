@@ -1,18 +1,22 @@
-"""torch.distributed on CPU: two real gloo ranks in subprocesses. Until ranks are coordinated
-(issue 8), only rank 0 writes; every rank resumes from its checkpoints, and a DDP run killed and
+"""torch.distributed on CPU: real gloo ranks in subprocesses, preempted with real signals and killed
+with SIGKILL. Rank 0 writes the one manifest of each checkpoint; it holds every rank's own random
+generators, loader position and custom state, so a DDP run with per-rank randomness stopped and
 resumed ends bit for bit where an uninterrupted one does, on every rank."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from weightslab.layout import Layout
 from weightslab.manager import CheckpointManager
 
 from .conftest import DETERMINISTIC_ENV, REPO
@@ -23,42 +27,128 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="this torch build has no gloo backend")
 
 
-def _run_ranks(tmp: Path, root: Path, out: Path, *extra: str, world: int = 2) -> list[str]:
-    init = tmp / f"init-{out.name}"
-    env = {**os.environ, **DETERMINISTIC_ENV, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(root), str(out), str(rank), str(world), str(init),
-                               *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in range(world)]
-    results = [p.communicate(timeout=240) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
-        assert p.returncode == 0, f"rank failed ({p.returncode}):\n{stdout}\n{stderr}"
-    return [stdout + stderr for stdout, stderr in results]
+class Ranks:
+    """The processes of one job, their output collected line by line as it comes."""
+
+    def __init__(self, tmp: Path, root: Path, out: Path, *extra: str, world: int = 2):
+        env = {**os.environ, **DETERMINISTIC_ENV, "PYTHONPATH": str(REPO)}
+        init = tmp / f"init-{out.name}"
+        self.procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(root), str(out), str(rank), str(world),
+                                        str(init), *extra], env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True) for rank in range(world)]
+        self.lines: list[list[str]] = [[] for _ in self.procs]
+        self._changed = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(i,), daemon=True) for i in range(world)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, i: int) -> None:
+        for line in self.procs[i].stdout:
+            with self._changed:
+                self.lines[i].append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, rank: int, text: str, timeout: float = 120) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: any(text in line for line in self.lines[rank])
+                                          or self.procs[rank].poll() is not None, timeout):
+                raise AssertionError(f"rank {rank} never printed {text!r}:\n{self.log(rank)}")
+        assert any(text in line for line in self.lines[rank]), f"rank {rank} ended first:\n{self.log(rank)}"
+
+    def finish(self, timeout: float = 240) -> list[int]:
+        codes = [p.wait(timeout=timeout) for p in self.procs]
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return codes
+
+    def log(self, rank: int) -> str:
+        return "".join(self.lines[rank])
 
 
-def _params(out: Path, rank: int) -> dict[str, torch.Tensor]:
+def _run(tmp: Path, root: Path, out: Path, *extra: str, world: int = 2) -> Ranks:
+    ranks = Ranks(tmp, root, out, *extra, world=world)
+    codes = ranks.finish()
+    for rank, code in enumerate(codes):
+        assert code == 0, f"rank {rank} failed ({code}):\n{ranks.log(rank)}"
+    return ranks
+
+
+def _final(out: Path, rank: int) -> dict[str, torch.Tensor]:
     return torch.load(out / f"rank{rank}.pt", weights_only=True)
 
 
-def test_only_rank_0_writes_and_a_resumed_ddp_run_matches_an_uninterrupted_one(tmp_path):
+def test_a_preempted_and_killed_ddp_run_resumes_bit_for_bit_on_every_rank(tmp_path):
     straight = tmp_path / "straight"
-    _run_ranks(tmp_path, tmp_path / "root0", straight, "--steps", "8")
+    _run(tmp_path, tmp_path / "root0", straight, "--steps", "12")
+    expected = [_final(straight, rank) for rank in range(2)]
+    # Each rank draws its own numbers: restoring rank 0's generators on rank 1 would not do.
+    assert not torch.equal(expected[0]["next_torch"], expected[1]["next_torch"])
 
-    root, out = tmp_path / "root", tmp_path / "final"
-    logs = _run_ranks(tmp_path, root, tmp_path / "first", "--steps", "5")  # checkpoints at 2 and 4
-    for rank, log in enumerate(logs):
-        assert f"only rank 0 writes checkpoints (this is rank {rank})" in log
+    root = tmp_path / "root"
+    # 1. Preemption reaching one rank only: both agree at the next step boundary, take one final
+    #    checkpoint there, and stop as the signal would have stopped them (death by SIGTERM).
+    job = Ranks(tmp_path, root, tmp_path / "first", "--steps", "12", "--sleep", "0.3")
+    job.wait_for(1, "step 3")
+    job.procs[1].send_signal(signal.SIGTERM)
+    assert job.finish() == [-signal.SIGTERM, -signal.SIGTERM], job.log(0) + job.log(1)
     manager = CheckpointManager(root)
     entries = manager.checkpoints()
-    assert [e.step for e in entries] == [2, 4]  # once per step, not once per rank
-    runs = {json.loads(e.path.read_text())["run"] for e in entries}
-    assert len(runs) == 1  # all written by one process
+    final = entries[-1]
+    assert "preempt" in manager.read_manifest(final).reasons and final.step >= 3
+    # Both stopped inside checkpoint_on_step of the agreed step, before printing it.
+    assert all(f"step {final.step - 1}\n" in job.log(r) and f"step {final.step}\n" not in job.log(r)
+               for r in range(2)), job.log(0) + job.log(1)
+    doc = json.loads(final.path.read_text())
+    assert doc["format_version"] == 3 and doc["state"]["ranks"]["world_size"] == 2
+    assert len({e.step for e in entries}) == len(entries) and len({json.loads(e.path.read_text())["run"]
+                                                                  for e in entries}) == 1  # one writer
+    rng_keys = [doc["state"]["ranks"]["states"][r]["rng"]["torch"]["key"] for r in range(2)]
+    assert doc["tensors"][rng_keys[0]]["digest"] != doc["tensors"][rng_keys[1]]["digest"]
     assert manager.verify().ok
 
-    logs = _run_ranks(tmp_path, root, out, "--steps", "8", "--resume")
-    assert all("starts at 4" in log for log in logs)
+    # 2. Resume, then SIGKILL both ranks mid-run (perhaps mid-save): the latest committed checkpoint
+    #    is complete for every rank.
+    job = Ranks(tmp_path, root, tmp_path / "second", "--steps", "12", "--resume", "--sleep", "0.2")
+    job.wait_for(0, f"starts at {final.step}")
+    job.wait_for(0, f"step {final.step + 3}")
+    for proc in job.procs:
+        proc.kill()
+    assert job.finish() == [-signal.SIGKILL, -signal.SIGKILL]
+    assert CheckpointManager(root).verify().ok
+    latest = CheckpointManager(root).checkpoints()[-1].step
+    assert latest >= final.step
+
+    # 3. Resume to the end: every rank ends where the uninterrupted run did, bit for bit.
+    job = _run(tmp_path, root, tmp_path / "third", "--steps", "12", "--resume")
+    assert all(f"starts at {latest}" in job.log(r) for r in range(2))
     for rank in range(2):
-        final, expected = _params(out, rank), _params(straight, rank)
-        assert final.keys() == expected.keys()
-        for key in expected:
-            assert torch.equal(final[key], expected[key]), (rank, key)
-    assert [e.step for e in CheckpointManager(root).checkpoints()] == [2, 4, 6, 8]
+        got = _final(tmp_path / "third", rank)
+        assert got.keys() == expected[rank].keys()
+        for key in expected[rank]:
+            assert torch.equal(got[key], expected[rank][key]), (rank, key)
+
+
+def test_another_world_size_refuses_per_rank_state_it_cannot_map(tmp_path):
+    root = tmp_path / "root"
+    _run(tmp_path, root, tmp_path / "two", "--steps", "4")
+    # One rank cannot take two ranks' different random generators and statistics: refused, by name.
+    job = Ranks(tmp_path, root, tmp_path / "one", "--steps", "6", "--resume", world=1)
+    assert job.finish() == [1]
+    log = job.log(0)
+    assert "RankStateError" in log and "saved by 2 ranks and this job runs 1" in log
+    assert "random generators" in log and "custom state 'stats'" in log and "rank_state='rank0'" in log
+    assert [e.step for e in CheckpointManager(root).checkpoints()] == [2, 4]  # nothing changed
+    # Accepting rank 0's: the run continues from step 4, saying what it gave up.
+    job = _run(tmp_path, root, tmp_path / "one", "--steps", "6", "--resume", "--rank-state", "rank0", world=1)
+    assert "starts at 4" in job.log(0) and "every rank takes rank 0's" in job.log(0)
+    manifest = Layout(root).manifest(CheckpointManager(root).checkpoints()[-1].experiment, 6)
+    assert "ranks" not in json.loads(manifest.read_text())["state"]  # one process: a plain checkpoint
+
+
+def test_per_rank_state_equal_on_every_rank_resumes_on_another_world_size(tmp_path):
+    root = tmp_path / "root"
+    _run(tmp_path, root, tmp_path / "two", "--steps", "4", "--same-seed", "--no-stats")
+    # Every rank drew the same numbers (same seed, same draws): nothing is lost on one rank.
+    job = _run(tmp_path, root, tmp_path / "one", "--steps", "4", "--resume", "--same-seed", "--no-stats", world=1)
+    assert "starts at 4" in job.log(0) and "RankStateError" not in job.log(0)
+    assert "rank 0's" not in job.log(0)  # no warning: nothing was given up

@@ -11,7 +11,7 @@ import torch
 from weightslab.errors import CorruptCheckpointError, FormatVersionError
 from weightslab.experiment import ExperimentRecord, Parent, descendants
 from weightslab.fingerprint import ExperimentHashGenerator
-from weightslab.manifest import FORMAT_VERSION, Manifest, seal
+from weightslab.manifest import FORMAT_VERSION, READABLE_VERSIONS, Manifest, seal
 
 PARENT_HASH = "fedcba9876543210"
 
@@ -145,7 +145,7 @@ def test_manifest_is_not_an_experiment_record():
 
 def test_newer_format_version_raises_format_version_error(fingerprint):
     body = json.loads(make_record(fingerprint).to_bytes())
-    body["format_version"] = FORMAT_VERSION + 1
+    body["format_version"] = max(READABLE_VERSIONS) + 1
     with pytest.raises(FormatVersionError) as info:
         ExperimentRecord.from_bytes(seal(body), path="/r/experiment.json")
     assert "/r/experiment.json" in str(info.value) and "upgrade weightslab" in str(info.value)

@@ -14,7 +14,7 @@ from weightslab.atomic import atomic_write
 from weightslab.codec import encode
 from weightslab.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, WeightslabError
 from weightslab.layout import Layout
-from weightslab.manifest import FORMAT_VERSION, KIND, Manifest, TensorEntry, canonical_json, seal, unseal
+from weightslab.manifest import FORMAT_VERSION, KIND, READABLE_VERSIONS, Manifest, TensorEntry, canonical_json, seal, unseal
 from weightslab.store import Blob, BlobRef, BlobStore
 
 H = "0123456789abcdef"
@@ -218,7 +218,7 @@ def test_every_character_flip_is_caught():
         except ValueError:
             doc = None
         assert doc != original, f"flip at {i} changed nothing"
-        expected = FormatVersionError if doc is not None and doc.get("format_version") not in (1, 2) and \
+        expected = FormatVersionError if doc is not None and doc.get("format_version") not in READABLE_VERSIONS and \
             doc.get("kind") == KIND else CorruptCheckpointError
         with pytest.raises(expected):
             Manifest.from_bytes(bytes(damaged), path="m.json")
@@ -237,13 +237,13 @@ def test_wrong_format_version_raises_format_version_error(tmp_path):
     body = json.loads(m.to_bytes())
     # control: re-sealing the unchanged body gives a readable manifest
     assert Manifest.from_bytes(seal(body)) == m
-    body["format_version"] = 3
+    body["format_version"] = 4
     path = tmp_path / "newer.json"
     path.write_bytes(seal(body))  # digest correct, so only the version check can fire
     with pytest.raises(FormatVersionError) as info:
         Manifest.read(path)
     msg = str(info.value)
-    assert str(path) in msg and "format_version 3" in msg and "reads versions 1, 2" in msg
+    assert str(path) in msg and "format_version 4" in msg and "reads versions 1, 2, 3" in msg
     assert "upgrade weightslab" in msg
     assert isinstance(info.value, ValueError) and not isinstance(info.value, CorruptCheckpointError)
 

@@ -28,7 +28,7 @@ print("ok")
 
 
 def test_the_first_registration_starts_the_system_even_through_the_ledger_module(tmp_path):
-    out = run_python(f"""
+    out = run_python("""
 import torch
 from weightslab.ledger import register_model
 register_model(torch.nn.Linear(2, 2))

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .errors import (ArchitectureMismatchError, CheckpointNotFoundError, CheckpointSaveError, ConfigError,
                      CorruptCheckpointError, FormatVersionError, HyperparamsError, InvalidMetricsError,
-                     InvalidStepError, NotRegisteredError, RegistrationError, StateError, WeightslabError)
+                     InvalidStepError, NotRegisteredError, RankStateError, RegistrationError, StateError,
+                     WeightslabError)
 
 # The rest is imported on first use: the command line (weightslab ls) reads a root without
 # importing torch, which costs more than a listing of 10,000 checkpoints. Any first use imports
@@ -94,4 +95,5 @@ __all__ = [
     "WeightslabError", "NotRegisteredError", "RegistrationError", "HyperparamsError", "ConfigError",
     "InvalidStepError", "InvalidMetricsError", "StateError", "CheckpointNotFoundError",
     "CorruptCheckpointError", "FormatVersionError", "ArchitectureMismatchError", "CheckpointSaveError",
+    "RankStateError",
 ]

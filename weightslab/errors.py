@@ -25,6 +25,7 @@ __all__ = [
     "FormatVersionError",
     "ArchitectureMismatchError",
     "CheckpointSaveError",
+    "RankStateError",
 ]
 
 
@@ -95,3 +96,12 @@ class CheckpointSaveError(WeightslabError, RuntimeError):
     def __init__(self, message: str, *, errors: Sequence[BaseException] = ()):
         super().__init__(message)
         self.errors = list(errors)
+
+
+class RankStateError(WeightslabError, ValueError):
+    """A checkpoint of a distributed job whose per-rank state cannot be given to this job's ranks
+    (another world size, and the saved ranks' states differ)."""
+
+    def __init__(self, message: str, *, unmappable: Sequence[str] = ()):
+        super().__init__(message)
+        self.unmappable = list(unmappable)

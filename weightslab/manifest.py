@@ -17,12 +17,17 @@ from typing import Any, Mapping
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
 from .store import BlobRef
 
-__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "Manifest", "TensorEntry", "canonical_json", "seal", "unseal"]
+__all__ = ["FORMAT_VERSION", "DISTRIBUTED_FORMAT_VERSION", "READABLE_VERSIONS", "Manifest", "TensorEntry", "canonical_json", "seal", "unseal"]
 
 #: Version 2 added encoded blobs (zstd, XOR deltas with a nested ``base``) to tensor entries;
 #: version 1 documents (the foundation's) read unchanged.
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: Version 3 added what a distributed job writes: every rank's own state (the state tree's
+#: ``ranks``, see :mod:`weightslab.ranks`). Only manifests that hold it are written as version 3,
+#: so that an older weightslab refuses them (asking for an upgrade) rather than giving every rank
+#: rank 0's random state; every other document stays version 2.
+DISTRIBUTED_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 KIND = "weightslab.checkpoint"
 
 
@@ -106,7 +111,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": DISTRIBUTED_FORMAT_VERSION if "ranks" in self.state else FORMAT_VERSION,
             "kind": KIND,
             "experiment": self.experiment,
             "step": self.step,

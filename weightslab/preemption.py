@@ -49,6 +49,7 @@ class PreemptionGuard:
         self._frame: Any = None
         self._timer: threading.Timer | None = None
         self._expired = False
+        self._adopted = False  # the pending signal came from another rank (adopt), not to this process
         self._lock = threading.Lock()
 
     @property
@@ -76,6 +77,9 @@ class PreemptionGuard:
 
     def _handle(self, number: int, frame: Any) -> None:
         with self._lock:
+            if self._adopted and number == self._pending:  # the same preemption reaching this rank too
+                self._adopted, self._frame = False, frame
+                return
             first = self._pending is None and not self._expired
             if first:
                 self._pending, self._frame = number, frame
@@ -112,6 +116,13 @@ class PreemptionGuard:
             if timer is not threading.current_thread() and timer.ident is not None:
                 timer.join()
 
+    def adopt(self, number: int) -> None:
+        """Another rank of the job received signal ``number``: this process takes the final checkpoint
+        with it and then stops as if it had received the signal too (launchers preempt whole jobs)."""
+        with self._lock:
+            if self._pending is None:
+                self._pending, self._frame, self._adopted = number, None, True
+
     def deliver(self) -> None:
         """Handle the pending signal as the process would have without weightslab (main thread).
 
@@ -121,6 +132,7 @@ class PreemptionGuard:
         if number is None:
             return
         self._pending = self._frame = None
+        self._adopted = False
         self._cancel_timer()
         previous = self._previous.get(number, signal.SIG_DFL)
         if callable(previous):

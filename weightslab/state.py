@@ -12,6 +12,7 @@ are in eval mode: both change what the next training step computes, so an exact 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -22,8 +23,9 @@ from . import codec, data, rng
 from . import hyperparams as _hp
 from .errors import ArchitectureMismatchError, StateError
 from .ledger import Ledger
+from .manifest import canonical_json
 
-__all__ = ["Captured", "capture", "capture_early", "restore", "check_compatible", "RestoreReport"]
+__all__ = ["Captured", "capture", "capture_early", "capture_own", "restore", "check_compatible", "RestoreReport"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,22 @@ log = logging.getLogger(__name__)
 class Captured:
     tree: dict[str, Any]
     tensors: dict[str, torch.Tensor]  # live tensors: copy them before training continues
+
+    def to_bytes(self) -> bytes:
+        """One safetensors document holding the tensors (copied to the CPU) and the tree in its
+        metadata: how a rank's own state travels to rank 0, with nothing pickled."""
+        import safetensors.torch  # a dependency; imported here so that `import weightslab` stays light
+
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.tensors.items()}
+        return safetensors.torch.save(tensors, metadata={"tree": canonical_json(self.tree)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Captured":
+        import safetensors.torch
+
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_size])["__metadata__"]
+        return cls(tree=json.loads(metadata["tree"]), tensors=dict(safetensors.torch.load(data)))
 
 
 @dataclass
@@ -81,6 +99,23 @@ def capture(ledger: Ledger, *, step: int, early: Mapping[str, Any] | None = None
         name: enc(_hp.to_plain(obj, where=f"hyperparameters {name!r}"), f"hyperparams/{name}",
                   f"hyperparameters {name!r}")
         for name, obj in ledger.objects("hyperparams").items()}
+    mine = capture_own(ledger, early=early)
+    tree.update(mine.tree)
+    tensors.update(mine.tensors)
+    return Captured(tree=tree, tensors=tensors)
+
+
+def capture_own(ledger: Ledger, *, early: Mapping[str, Any] | None = None, prefix: str = "") -> Captured:
+    """The sections of the state that each rank of a distributed job holds for itself (see
+    :mod:`weightslab.ranks`): loader positions, custom state, random generators. Tensor keys start
+    with ``prefix`` (``"ranks/1/"``), so that every rank's tensors fit in one table."""
+    early = early if early is not None else capture_early(ledger)
+    tensors: dict[str, torch.Tensor] = {}
+    tree: dict[str, Any] = {}
+
+    def enc(value: Any, path: str, what: str) -> Any:
+        return codec.encode(value, path=prefix + path, tensors=tensors, what=what)
+
     tree["dataloaders"] = {name: enc(value, f"dataloaders/{name}", f"dataloader {name!r}") if value is not None
                            else None for name, value in early["dataloaders"].items()}
     tree["custom"] = {}

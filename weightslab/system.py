@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import datetime as _dt
+import json
 import logging
 import os
 import platform
@@ -35,6 +36,7 @@ import torch
 
 from . import codec, data
 from . import hyperparams as _hp
+from . import ranks as _ranks
 from . import state as _state
 from .binding import OptimizerBinding
 from .change import ChangeDetector, StateChange
@@ -46,14 +48,15 @@ from .fingerprint import ExperimentHashGenerator, Fingerprint, architecture_text
 from ._version import __version__
 from .ledger import LEDGER, Entry, Ledger
 from .manager import CheckpointEntry, CheckpointManager, SaveRequest
-from .manifest import Manifest
+from .manifest import Manifest, canonical_json
 from .refs import check_name, parse_ref
 from .remote import RemoteRoot, is_remote, staging_dir
 from .preemption import PreemptionGuard, signal_numbers
 from .retention import KeepBest, Retention
 from .snapshot import Snapshotter
 from .surgery import carry_optimizer_state, parameter_names
-from .triggers import SavePolicy
+from .triggers import REASONS, SavePolicy
+from .world import World, digest64
 from .writer import Writer
 
 __all__ = [
@@ -137,6 +140,10 @@ class CheckpointConfig:
     #: Hyperparameter paths bound to optimizer settings, besides ``optimizer.<key>``:
     #: ``{"train.learning_rate": "lr"}`` (every optimizer) or ``{"gan.d_lr": "discriminator.lr"}``.
     optimizer_keys: Mapping[str, str] = field(default_factory=dict)
+    #: Resuming a distributed job's checkpoint on another number of ranks, when the saved ranks'
+    #: random generators or custom state differ: ``"exact"`` refuses, naming them; ``"rank0"``
+    #: gives every rank rank 0's (loader positions are resharded either way).
+    rank_state: str = "exact"
 
     @property
     def local_root(self) -> Path:
@@ -213,6 +220,9 @@ class CheckpointConfig:
                               f"{{'train.learning_rate': 'lr'}} or {{'gan.d_lr': 'discriminator.lr'}}; got "
                               f"{self.optimizer_keys!r}")
         object.__setattr__(self, "optimizer_keys", dict(self.optimizer_keys))
+        if self.rank_state not in _ranks.RANK_STATE_MODES:
+            raise ConfigError(f"rank_state must be one of {', '.join(map(repr, _ranks.RANK_STATE_MODES))}, "
+                              f"got {self.rank_state!r}")
         for name in ("reanchor_interval", "full_check_every"):
             value = getattr(self, name)
             low = 1 if name == "reanchor_interval" else 0
@@ -374,6 +384,9 @@ class AutomaticCheckpointSystem:
         self._branch: str | None = None  # set by fork(): part of every hash this run computes from then on
         self._auto_resume_due = config.resume == "auto"
         self._start_step = 0  # the step the run resumed from (0: fresh)
+        self._world: World | None = None  # the torch.distributed job, once one is seen
+        self._edits: list[tuple[str, Edit]] = []  # rank 0: file edits read, to apply once every rank agreed
+        self._edits_due = False  # every rank agreed at the last boundary to apply rank 0's edits now
         self._guard = PreemptionGuard(signal_numbers(config.preempt_signals), timeout=config.preempt_timeout)
         if config.preempt_signals and not self._guard.install():
             log.info("the checkpoint system was created outside the main thread: no preemption signal handlers")
@@ -585,6 +598,12 @@ class AutomaticCheckpointSystem:
         try:
             self._writer.wait()
         finally:
+            world = self._job()
+            if world is not None and world.alive:
+                try:  # no rank stops (and makes a launcher kill the others) before rank 0's commit is durable
+                    world.barrier()
+                except Exception as exc:  # noqa: BLE001 - stopping anyway; say why the others may not wait
+                    log.warning("could not wait for the other ranks before stopping: %s: %s", type(exc).__name__, exc)
             log.warning("final checkpoint after %s is durable; stopping", signal_name(self._guard.pending))
             self._guard.deliver()
 
@@ -637,8 +656,12 @@ class AutomaticCheckpointSystem:
                 events.append("preempt")
             self._last_step = step
             self._optimizer_ran = False
-            reasons = self._policy.reasons(step=step, events=events,
-                                           seconds_since_save=time.monotonic() - self._last_save_time)
+            world = self._job()
+            # In a distributed job, rank 0's clock decides every_seconds (each rank's would differ).
+            seconds = time.monotonic() - self._last_save_time if world is None or world.rank == 0 else None
+            reasons = self._policy.reasons(step=step, events=events, seconds_since_save=seconds)
+            if world is not None:
+                reasons = self._agree(world, step, reasons)
             if not reasons:
                 return False
             if defer:
@@ -652,17 +675,72 @@ class AutomaticCheckpointSystem:
             return self._save(step, reasons, changes)
 
     def _reload_files(self, step: int) -> list[dict[str, Any]]:
-        """Swap in the accepted edits of watched hyperparameter files (on the training thread)."""
+        """Swap in the accepted edits of watched hyperparameter files (on the training thread).
+
+        In a distributed job every rank must change its hyperparameters at the same step, whatever
+        moment its own watcher saw the edit: rank 0 reads the files, the ranks agree at the end of
+        the boundary (:meth:`_agree`), and at the next one rank 0's edits go to every rank."""
+        world = self._job()
+        if world is None:
+            edits = self._poll_files()
+        else:
+            edits = self._shared_edits(world) if self._edits_due else []
+            self._edits_due = False
+            if world.rank == 0 and not self._edits:
+                self._edits = self._poll_files()
         changes = []
+        hparams = self.ledger.objects("hyperparams")
+        for name, path, edit in edits:
+            live = hparams.get(name)
+            if not isinstance(live, _hp.LiveConfig):
+                continue  # unregistered since (on this rank)
+            live.swap(edit.values)
+            log.info("step %d: %s changed: %s (hyperparameters %r)", step, path, "; ".join(edit.changed), name)
+            changes.append({"kind": "config_file", "hyperparams": name, "file": path, "diff": list(edit.changed)})
+        return changes
+
+    def _poll_files(self) -> list[tuple[str, str, Edit]]:
+        edits = []
         for name, watched in list(self._files.items()):
             edit = watched.poll()
-            if edit is None:
-                continue
-            watched.live.swap(edit.values)
-            log.info("step %d: %s changed: %s (hyperparameters %r)", step, watched.path, "; ".join(edit.changed), name)
-            changes.append({"kind": "config_file", "hyperparams": name, "file": str(watched.path),
-                            "diff": list(edit.changed)})
-        return changes
+            if edit is not None:
+                edits.append((name, str(watched.path), edit))
+        return edits
+
+    def _shared_edits(self, world: World) -> list[tuple[str, str, Edit]]:
+        """Rank 0's pending edits, on every rank (sent as JSON, read back with the codec)."""
+        payload = None
+        if world.rank == 0:
+            payload = canonical_json([{"name": n, "file": p, "values": codec.encode(e.values, path=f"hyperparams/{n}",
+                                                                                     tensors={}, what=f"{p}"),
+                                       "changed": list(e.changed)} for n, p, e in self._edits]).encode()
+            self._edits = []
+        received = json.loads(world.broadcast_bytes(payload))
+        return [(d["name"], d["file"], Edit(values=codec.decode(d["values"], {}), changed=tuple(d["changed"]),
+                                            warnings=())) for d in received]
+
+    def _agree(self, world: World, step: int, reasons: tuple[str, ...]) -> tuple[str, ...]:
+        """Make every rank's decision at this boundary the same, with one all-reduce of a few
+        integers: save if any rank wants to, for every reason any rank has (a preemption signal,
+        rank 0's clock, a change seen on one rank only); a preemption signal received by any rank
+        stops every rank after the save; rank 0's edits of watched files are applied by every rank
+        at the next boundary. Without this, one rank would wait for the others at a save they
+        never take, and hang the job."""
+        if not world.alive:
+            self._warn_once("group-gone", "the torch.distributed process group was destroyed: no checkpoint from "
+                            "step %d on (call system.close() before dist.destroy_process_group())", step)
+            return ()
+        flags = [int(r in reasons) for r in REASONS] + [self._guard.pending or 0, int(bool(self._edits))]
+        try:
+            agreed = world.agree(flags)
+        except Exception as exc:  # a rank died: the job is over, but do not hide why
+            self._fail(f"agreeing with the other ranks at step {step}", exc)
+            return ()
+        *bits, signum, edits = agreed
+        if signum and self._guard.pending is None:
+            self._guard.adopt(signum)  # another rank was told to stop: this one stops with it
+        self._edits_due = bool(edits)
+        return tuple(r for r, bit in zip(REASONS, bits) if bit)
 
     def _apply_bindings(self, step: int) -> None:
         """Hyperparameters bound to optimizer settings (``optimizer.lr``, ...) reach the optimizers."""
@@ -759,30 +837,79 @@ class AutomaticCheckpointSystem:
                                 fp.hash, len(earlier), max(e.step for e in earlier))
 
     # --- saving -----------------------------------------------------------------------------
+    def _job(self) -> World | None:
+        """The torch.distributed job this process is a rank of; None for a single process."""
+        if self._world is None:
+            self._world = World.current()
+            if self._world is not None:
+                log.info("torch.distributed job of %d ranks (this is rank %d): rank 0 writes the replicated state "
+                         "once; every rank's random generators, loader positions and custom state go into the same "
+                         "checkpoint", self._world.size, self._world.rank)
+        return self._world
+
     def _writes(self) -> bool:
-        """Whether this process writes checkpoints: in a torch.distributed job, rank 0 only (ranks
-        are not coordinated yet: every rank writing the same checkpoint would race, and each one's
-        random state would overwrite the others'). Said once, on every rank."""
-        rank, world = _rank()
-        if world > 1:
-            self._warn_once("distributed", "torch.distributed runs %d ranks: weightslab does not coordinate them yet, "
-                            "so only rank 0 writes checkpoints (this is rank %d). Every rank resumes from them: replicated "
-                            "training (DDP) gets its weights, optimizer and loader position (each rank keeps its own "
-                            "shard) back exactly, but every rank's random generators restart from rank 0's. Sharded "
-                            "models (FSDP) are not saved whole.", world, rank)
-        return rank == 0
+        """Whether this process writes checkpoints: in a torch.distributed job, rank 0 only (it
+        gathers the others' own state into one manifest: one writer, one commit)."""
+        world = self._job()
+        return world is None or world.rank == 0
+
+    def _gather_own(self, world: World, step: int, early: Mapping[str, Any] | None) -> list[_state.Captured] | None:
+        """Every rank's own state (random generators, loader positions, custom state), on rank 0.
+
+        All ranks first exchange (captured, step, experiment): unless every rank captured its state
+        for the same step of the same experiment, no rank goes on, and each says why. Returns the
+        other ranks' captures on rank 0, [] on the others, None when the save is off everywhere.
+        """
+        assert self._experiment is not None
+        ref = f"{self._experiment.hash}@{step}"
+        payload, error = b"", None
+        if world.rank != 0:  # (rank 0's own state is captured with the rest of its checkpoint)
+            try:
+                payload = _state.capture_own(self.ledger, early=early, prefix=f"ranks/{world.rank}/").to_bytes()
+            except Exception as exc:  # noqa: BLE001 - reported below, on every rank, after the others know
+                error = exc
+        try:
+            headers = world.all_gather([int(error is None), step, digest64(self._experiment.hash), len(payload)])
+            problems = [f"rank {r} could not capture its state" for r, h in enumerate(headers) if not h[0]]
+            if not problems and len({(h[1], h[2]) for h in headers}) > 1:
+                problems.append("the ranks are at different steps or experiments (" + ", ".join(
+                    f"rank {r}: step {h[1]}" for r, h in enumerate(headers)) + "); every rank must run the same "
+                    "loop and register the same objects")
+            if problems:
+                raise error or CheckpointSaveError("; ".join(problems))
+            payloads = world.gather_bytes(payload, [h[3] for h in headers])
+        except Exception as exc:
+            self._fail(f"checkpoint {ref}", exc)
+            return None
+        if payloads is None:
+            return []
+        return [_state.Captured.from_bytes(p) for p in payloads[1:]]
 
     def _save(self, step: int, reasons: tuple[str, ...], changes: Sequence[dict[str, Any]],
               early: Mapping[str, Any] | None = None) -> bool:
         assert self._experiment is not None
-        if not self._writes():
-            return False
+        world = self._job()
+        others: list[_state.Captured] = []
+        if world is not None:
+            if not world.alive:
+                return False
+            gathered = self._gather_own(world, step, early)
+            if gathered is None:
+                return False
+            self._saved.add((self._experiment.hash, step))  # on every rank: final saves are decided alike
+            if world.rank != 0:
+                return True
+            others = gathered
         ref = f"{self._experiment.hash}@{step}"
         skipping = self.config.backpressure == "skip" and not self.config.strict and "preempt" not in reasons
         if skipping and not self._writer.has_room():
             return self._skip(ref)
         try:
             captured = _state.capture(self.ledger, step=step, early=early)
+            if others:
+                _ranks.attach(captured.tree, [_ranks.own(captured.tree)] + [c.tree for c in others])
+                for other in others:
+                    captured.tensors.update(other.tensors)
             snap = self._snapshotter.take(captured.tensors)
         except Exception as exc:
             self._fail(f"checkpoint {ref}", exc)
@@ -946,6 +1073,10 @@ class AutomaticCheckpointSystem:
         self._complete_deferred()
         if not self.config.save_on_close or self._last_step is None or self._experiment is None:
             return
+        if self._world is not None and not self._world.alive:
+            self._warn_once("group-gone-close", "no final checkpoint: the torch.distributed process group was destroyed "
+                            "before close(); call system.close() before dist.destroy_process_group()")
+            return
         if (self._experiment.hash, self._last_step) in self._saved:
             return
         if not self._handles_of("optimizer"):
@@ -1016,7 +1147,7 @@ class AutomaticCheckpointSystem:
             return None
 
     def resume(self, ref: str | os.PathLike[str] = "latest", *,
-               model_factory: Callable[[CheckpointInfo], Any] | None = None) -> int:
+               model_factory: Callable[[CheckpointInfo], Any] | None = None, rank_state: str | None = None) -> int:
         """Restore every registered object from ``ref`` (RNG last) and return the step restored.
 
         ``ref`` is ``"latest"`` (the newest checkpoint of this run's lineage: the experiment the
@@ -1032,6 +1163,12 @@ class AutomaticCheckpointSystem:
         before anything is restored: it returns the model, or a dict such as ``{"model": model,
         "optimizer": optimizer, "scheduler": scheduler}`` (several models: ``{"model": {name:
         module}}``); weightslab registers what it returns under the checkpoint's names.
+
+        In a torch.distributed job every rank calls it; rank r gets back rank r's own random
+        generators, loader position and custom state. On another number of ranks, loader positions
+        are resharded and the rest is restored when it was the same on every saved rank; otherwise
+        :class:`RankStateError` lists it, unless ``rank_state="rank0"`` (default: the config's
+        ``rank_state``) gives every rank rank 0's.
         """
         with self._lock:
             self._check_open()
@@ -1043,12 +1180,12 @@ class AutomaticCheckpointSystem:
                     self._start_fresh()
                     return 0
                 self._register_built(model_factory, info)
-            found = self._load(ref)
+            found = self._load_agreed(ref)
             if found is None:
                 self._start_fresh()
                 return 0
             manifest, tensors, path = found
-            self._restore(manifest, tensors, path)
+            self._restore(manifest, tensors, path, rank_state=rank_state)
             record = self.manager.read_experiment(manifest.experiment)
             self._branch = record.branch if record is not None else None  # continuing a fork stays on its branch
             self._adopt(manifest)
@@ -1079,7 +1216,7 @@ class AutomaticCheckpointSystem:
                                       f"continue it with system.resume('{name}@latest'), or choose another name")
             self._writer.wait()
             self._auto_resume_due = False
-            found = self._load(ref, fall_back=False)
+            found = self._load_agreed(ref, fall_back=False)
             if found is None:
                 raise CheckpointNotFoundError(f"wl.fork({str(ref)!r}): there is no checkpoint to fork from yet")
             manifest, tensors, path = found
@@ -1093,7 +1230,11 @@ class AutomaticCheckpointSystem:
                 _hp.restore_in_place(hparams[hp_name], edit.values, name=hp_name)
                 lines += [f"{hp_name}.{line}" for line in edit.changed]
             self._apply_bindings(manifest.step)
-            self._branch = name if name is not None else f"fork-{uuid.uuid4().hex[:12]}"
+            branch = name if name is not None else f"fork-{uuid.uuid4().hex[:12]}"
+            world = self._job()
+            if world is not None:  # one branch (it enters the hash) for every rank: rank 0's
+                branch = world.broadcast_bytes(branch.encode() if world.rank == 0 else None).decode()
+            self._branch = branch
             models, hparams = self.ledger.objects("model"), self.ledger.objects("hyperparams")
             fp = self._hasher.fingerprint(models, hparams, branch=self._branch)
             self._detector.track(models, hparams)
@@ -1209,8 +1350,47 @@ class AutomaticCheckpointSystem:
                 log.warning("checkpoint %s is damaged (%s); falling back to the previous one", entry.ref, exc)
         raise CorruptCheckpointError("no checkpoint of %s verifies:\n  %s" % (ref, "\n  ".join(damaged)))
 
-    def _restore(self, manifest: Manifest, tensors: dict[str, torch.Tensor], path: Path) -> None:
-        report = _state.restore(self.ledger, manifest.state, tensors)
+    def _load_agreed(self, ref: str | os.PathLike[str], *, fall_back: bool = True) -> \
+            tuple[Manifest, dict[str, torch.Tensor], Path] | None:
+        """:meth:`_load`, and in a distributed job a check that every rank found the same checkpoint
+        (they read the same root: a shared filesystem or a remote URL), raised on every rank alike."""
+        world = self._job()
+        if world is None:
+            return self._load(ref, fall_back=fall_back)
+        found, error = None, None
+        try:
+            found = self._load(ref, fall_back=fall_back)
+        except Exception as exc:  # noqa: BLE001 - raised below, once the other ranks know
+            error = exc
+        mine = found[0].ref if found is not None else ("<error>" if error is not None else "<nothing>")
+        views = world.all_gather([digest64(mine), int(error is not None)])
+        if error is not None:
+            raise error
+        failed = [r for r, v in enumerate(views) if v[1]]
+        if failed:
+            raise CheckpointNotFoundError(f"resume of {str(ref)!r}: rank(s) {failed} could not read the checkpoint "
+                                          "(their error is in their log); no rank restored anything")
+        if len({v[0] for v in views}) > 1:
+            raise CheckpointNotFoundError(
+                f"resume of {str(ref)!r}: the ranks found different checkpoints (this is rank {world.rank}, which "
+                f"found {mine}); every rank must see the same root, such as a shared filesystem or a remote URL")
+        return found
+
+    def _restore(self, manifest: Manifest, tensors: dict[str, torch.Tensor], path: Path, *,
+                 rank_state: str | None = None) -> None:
+        world = self._job()
+        digests = {key: entry.blob.digest for key, entry in manifest.tensors.items()}
+        try:
+            tree, notes = _ranks.view(manifest.state, rank=world.rank if world else 0,
+                                      world_size=world.size if world else 1, digests=digests,
+                                      mode=rank_state or self.config.rank_state)
+        except ValueError as exc:
+            if isinstance(exc, WeightslabError):
+                raise
+            raise ConfigError(str(exc)) from None
+        for note in notes:
+            log.warning("resume from %s: %s", manifest.ref, note)
+        report = _state.restore(self.ledger, tree, tensors)
         self._learn_restored(manifest, tensors)
         for what in report.missing:
             log.warning("resume from %s: %s is registered but not in the checkpoint; left as it is",
