@@ -96,7 +96,7 @@ def test_a_preempted_and_killed_ddp_run_resumes_bit_for_bit_on_every_rank(tmp_pa
     final = entries[-1]
     assert "preempt" in manager.read_manifest(final).reasons and final.step >= 3
     # Both stopped inside checkpoint_on_step of the agreed step, before printing it.
-    assert all(f"step {final.step - 1}\n" in job.log(r) and f"step {final.step}\n" not in job.log(r)
+    assert all(f"step {final.step - 1} " in job.log(r) and f"step {final.step} " not in job.log(r)
                for r in range(2)), job.log(0) + job.log(1)
     doc = json.loads(final.path.read_text())
     assert doc["format_version"] == 3 and doc["state"]["ranks"]["world_size"] == 2
@@ -152,3 +152,26 @@ def test_per_rank_state_equal_on_every_rank_resumes_on_another_world_size(tmp_pa
     job = _run(tmp_path, root, tmp_path / "one", "--steps", "4", "--resume", "--same-seed", "--no-stats", world=1)
     assert "starts at 4" in job.log(0) and "RankStateError" not in job.log(0)
     assert "rank 0's" not in job.log(0)  # no warning: nothing was given up
+
+
+def test_a_config_edit_seen_by_rank_0_changes_every_rank_at_the_same_step(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("optimizer:\n  lr: 0.01\n")
+    job = Ranks(tmp_path, tmp_path / "root", tmp_path / "out", "--steps", "12", "--sleep", "0.25",
+                "--config", str(config), "--no-stats")
+    job.wait_for(0, "step 3 ")
+    config.write_text("optimizer:\n  lr: 0.002\n")
+    assert job.finish() == [0, 0], job.log(0) + job.log(1)
+
+    def lrs(rank: int) -> dict[int, float]:
+        return {int(line.split()[1]): float(line.split()[3]) for line in job.lines[rank] if line.startswith("step ")}
+
+    first = [min(step for step, lr in lrs(rank).items() if lr == 0.002) for rank in range(2)]
+    assert first[0] == first[1] and 3 < first[0] < 12, first  # the same step on both ranks
+    assert lrs(0) == lrs(1)
+    # Every step used the same learning rate on both ranks, so DDP kept them identical.
+    finals = [_final(tmp_path / "out", rank) for rank in range(2)]
+    for key in (k for k in finals[0] if k.startswith("param.")):
+        assert torch.equal(finals[0][key], finals[1][key]), key
+    experiments = {e.experiment for e in CheckpointManager(tmp_path / "root").checkpoints()}
+    assert len(experiments) == 2  # the edit opened a child experiment, once for the whole job

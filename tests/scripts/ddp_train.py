@@ -2,12 +2,12 @@
 tests/test_distributed.py.
 
     python ddp_train.py ROOT OUT RANK WORLD INIT_FILE [--steps N] [--resume] [--rank-state MODE]
-                        [--sleep S] [--same-seed] [--no-stats]
+                        [--sleep S] [--same-seed] [--no-stats] [--config YAML]
 
 Each rank trains a small DDP model with dropout on its shard of made-up data (a ResumableSampler),
 adds its own input noise (every rank seeds its generators with its rank, so dropout masks and noise
 differ per rank), keeps its own running statistics as custom state, and checkpoints every 2 steps.
-It prints ``step N`` after each step. At the end it writes OUT/rank<R>.pt (torch.save; read back by
+It prints ``step N lr LR`` after each step. At the end it writes OUT/rank<R>.pt (torch.save; read back by
 the test with weights_only=True): the parameters, the custom state and the next random draws.
 """
 
@@ -37,6 +37,7 @@ parser.add_argument("--rank-state", default=None)
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds per step, so a test can signal mid-run")
 parser.add_argument("--same-seed", action="store_true", help="seed every rank alike (equal random generators)")
 parser.add_argument("--no-stats", action="store_true", help="do not register the per-rank statistics")
+parser.add_argument("--config", help="a YAML file whose optimizer.lr is watched and bound to the optimizer")
 args = parser.parse_args()
 
 torch.set_num_threads(1)
@@ -60,6 +61,8 @@ stats = {"loss_sum": 0.0, "noise": []}
 wl.register_model(model)
 wl.register_optimizer(opt)
 wl.register_dataloader(loader)
+if args.config:
+    wl.register_hyperparams("config", args.config)
 if not args.no_stats:
     wl.register_state("stats", lambda: {"loss_sum": stats["loss_sum"], "noise": list(stats["noise"])},
                       lambda value: stats.update(loss_sum=value["loss_sum"], noise=list(value["noise"])))
@@ -77,7 +80,7 @@ while step < args.steps:
         stats["noise"].append(round(float(noise.sum()), 6))
         step += 1
         wl.checkpoint_on_step(step)
-        print(f"step {step}", flush=True)
+        print(f"step {step} lr {opt.param_groups[0]['lr']}", flush=True)
         time.sleep(args.sleep)
         if step == args.steps:
             break
