@@ -14,8 +14,10 @@ for writers on machines whose locks it cannot see (network filesystems).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
 from .manager import CheckpointManager
@@ -34,10 +36,12 @@ class GcReport:
     bytes_dead_kept: int  # dead bytes left in place (young packs, packs mostly live)
     live_blobs: int
     dry_run: bool
+    shard_sets_deleted: int = 0  # directories of sharded tensors no manifest references
 
     def __str__(self) -> str:
         verb = "would free" if self.dry_run else "freed"
-        return (f"{verb} {self.bytes_freed:,} bytes ({self.packs_deleted} packs deleted, {self.packs_rewritten} "
+        shards = f", {self.shard_sets_deleted} sharded saves deleted" if self.shard_sets_deleted else ""
+        return (f"{verb} {self.bytes_freed:,} bytes ({self.packs_deleted} packs deleted{shards}, {self.packs_rewritten} "
                 f"rewritten); {self.live_blobs} live blobs hold {self.bytes_live:,} bytes; "
                 f"{self.bytes_dead_kept:,} dead bytes left in young or mostly live packs")
 
@@ -54,6 +58,7 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
     store = manager.store
     with store.lock(exclusive=True):
         live: set[str] = set()
+        live_shards: set[Path] = set()
         for entry in manager.checkpoints():
             try:
                 manifest = manager.read_manifest(entry)
@@ -66,6 +71,9 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
                     "checkpoint cannot be restored anyway) or restore it from a backup, then run gc again.") from exc
             for tensor in manifest.tensors.values():
                 live.update(ref.digest for ref in tensor.blob.chain())
+            shards = manager.shards(manifest)
+            if shards is not None:
+                live_shards.add(shards[0])
         now = time.time()
         deleted = rewritten = freed = live_bytes = dead_kept = live_count = 0
         counted: set[str] = set()
@@ -96,7 +104,19 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
             new_pack = store.repack(info, {b.digest for b in alive})
             new_size = store.layout.pack(new_pack).stat().st_size if new_pack else 0
             freed += info.size - new_size
+        # Sharded saves (a directory per checkpoint, written by every rank of a job) whose manifest
+        # retention deleted, or that never committed; young ones may be a save still being written.
+        shard_sets = 0
+        for exp in manager.layout.experiments():
+            base = manager.layout.shards_dir(exp)
+            for directory in sorted(base.iterdir()) if base.is_dir() else ():
+                if directory in live_shards or not directory.is_dir() or now - directory.stat().st_mtime < grace_seconds:
+                    continue
+                shard_sets += 1
+                freed += sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+                if not dry_run:
+                    shutil.rmtree(directory)
     report = GcReport(packs_deleted=deleted, packs_rewritten=rewritten, bytes_freed=freed, bytes_live=live_bytes,
-                      bytes_dead_kept=dead_kept, live_blobs=live_count, dry_run=dry_run)
+                      bytes_dead_kept=dead_kept, live_blobs=live_count, dry_run=dry_run, shard_sets_deleted=shard_sets)
     log.info("garbage collection under %s: %s", manager.root, report)
     return report

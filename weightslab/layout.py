@@ -7,6 +7,7 @@
         experiment.json                    what went into the hash, parent, created
         model/<exp_hash>_architecture.txt  readable module tree
         model/<exp_hash>_step_<step:06d>.json   one committed checkpoint (its manifest)
+        shards/<exp_hash>_step_<step:06d>.<token>/   its sharded tensors (FSDP, DTensor), if any
         hp/<exp_hash>_config.yaml          the hyperparameters of this experiment
         data/                              reserved for the user's data state
       objects/<aa>/<rest>.safetensors      content-addressed tensor packs shared by all experiments
@@ -30,6 +31,8 @@ __all__ = ["Layout", "HASH_LENGTH", "is_experiment_hash"]
 HASH_LENGTH = 16
 _HASH_RE = re.compile(r"[0-9a-f]{16}")
 _MANIFEST_RE = re.compile(r"([0-9a-f]{16})_step_([0-9]{6,})\.json")
+_SHARDS_RE = re.compile(r"shards/[0-9a-f]{16}_step_[0-9]{6,}\.[0-9a-f]+")
+_SHARD_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.safetensors")
 PACK_SUFFIX = ".safetensors"
 
 
@@ -94,6 +97,32 @@ class Layout:
 
     def manifest(self, exp_hash: str, step: int) -> Path:
         return self.model_dir(exp_hash) / f"{exp_hash}_step_{step:06d}.json"
+
+    def shards_dir(self, exp_hash: str) -> Path:
+        """Where the sharded tensors of a distributed job's checkpoints go (torch.distributed.checkpoint)."""
+        return self.experiment_dir(exp_hash) / "shards"
+
+    def shards(self, exp_hash: str, step: int, token: str) -> Path:
+        """One checkpoint's sharded tensors: a directory written by every rank. ``token`` tells apart
+        the saves of one step by different runs: a directory exists before its manifest commits."""
+        return self.shards_dir(exp_hash) / f"{exp_hash}_step_{step:06d}.{token}"
+
+    def shard_files(self, exp_hash: str, sharded: object) -> list[Path]:
+        """The files a manifest's ``sharded`` record names (``{"directory": "shards/<name>", "files":
+        {"files": {<name>: ...}}}``); ValueError when it would point anywhere else, as a damaged or
+        edited manifest could."""
+        try:
+            directory = sharded["directory"]  # type: ignore[index]
+            names = list(sharded["files"]["files"])  # type: ignore[index]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"the record of sharded tensors is malformed ({exc!r})") from None
+        if not isinstance(directory, str) or not _SHARDS_RE.fullmatch(directory) or \
+                not directory.split("/")[1].startswith(exp_hash + "_"):
+            raise ValueError(f"the sharded tensors' directory {directory!r} is not one of experiment {exp_hash}'s")
+        if not all(isinstance(n, str) and _SHARD_FILE_RE.fullmatch(n) for n in names):
+            raise ValueError(f"the sharded tensors' file names {names!r} are not plain file names")
+        base = self.experiment_dir(exp_hash) / directory
+        return [base / name for name in names]
 
     # --- content-addressed objects ----------------------------------------------------------
     def pack(self, pack_id: str) -> Path:

@@ -451,7 +451,27 @@ class CheckpointManager:
 
     @staticmethod
     def tensor_meta(manifest: Manifest) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        return {k: (tag_dtype(e.dtype), e.shape) for k, e in manifest.tensors.items()}
+        """dtype and (global) shape of every tensor of the checkpoint, sharded ones included."""
+        meta = {k: (tag_dtype(e.dtype), e.shape) for k, e in manifest.tensors.items()}
+        sharded = manifest.state.get("sharded")
+        if isinstance(sharded, Mapping):
+            meta.update({k: (tag_dtype(v["dtype"]), tuple(v["shape"])) for k, v in sharded["tensors"].items()})
+        return meta
+
+    def shards(self, manifest: Manifest) -> "tuple[Path, Any] | None":
+        """Where a checkpoint's sharded tensors are (torch.distributed.checkpoint wrote them) and the
+        record of their files (:class:`weightslab.sharded.ShardedFiles`); None if it has none."""
+        sharded = manifest.state.get("sharded")
+        if sharded is None:
+            return None
+        from .sharded import ShardedFiles  # imports torch.distributed.checkpoint: only when needed
+
+        try:
+            files = self.layout.shard_files(manifest.experiment, sharded)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"checkpoint {manifest.ref}: {exc}; its manifest is damaged") from None
+        directory = files[0].parent if files else self.layout.experiment_dir(manifest.experiment) / sharded["directory"]
+        return directory, ShardedFiles.from_json(sharded["files"])
 
     # --- verification -----------------------------------------------------------------------
     def verify(self, ref: str | os.PathLike[str] | None = None, *,
@@ -488,6 +508,16 @@ class CheckpointManager:
                         verified[blob.digest] = str(exc)
                 if verified[blob.digest] is not None:
                     problems.append(f"tensor {key}: {verified[blob.digest]}")
+            try:
+                shards = self.shards(manifest)
+            except (CorruptCheckpointError, ValueError) as exc:
+                problems.append(str(exc))
+                shards = None
+            if shards is not None:
+                from .sharded import verify as verify_shards
+
+                problems += verify_shards(*shards)
+                nbytes += shards[1].nbytes
             if problems:
                 damaged.append((entry.ref, "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)"
                                                                       if len(problems) > 3 else "")))

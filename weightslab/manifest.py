@@ -23,7 +23,9 @@ __all__ = ["FORMAT_VERSION", "DISTRIBUTED_FORMAT_VERSION", "READABLE_VERSIONS", 
 #: version 1 documents (the foundation's) read unchanged.
 FORMAT_VERSION = 2
 #: Version 3 added what a distributed job writes: every rank's own state (the state tree's
-#: ``ranks``, see :mod:`weightslab.ranks`). Only manifests that hold it are written as version 3,
+#: ``ranks``, see :mod:`weightslab.ranks`) and sharded tensors written by every rank with
+#: torch.distributed.checkpoint (``sharded``: their directory, dtypes and global shapes, and the
+#: size and digest of each file). Only manifests that hold them are written as version 3,
 #: so that an older weightslab refuses them (asking for an upgrade) rather than giving every rank
 #: rank 0's random state; every other document stays version 2.
 DISTRIBUTED_FORMAT_VERSION = 3
@@ -111,7 +113,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format_version": DISTRIBUTED_FORMAT_VERSION if "ranks" in self.state else FORMAT_VERSION,
+            "format_version": DISTRIBUTED_FORMAT_VERSION if {"ranks", "sharded"} & set(self.state) else FORMAT_VERSION,
             "kind": KIND,
             "experiment": self.experiment,
             "step": self.step,

@@ -28,7 +28,7 @@ import torch
 from . import codec
 from ._version import __version__
 from .atomic import atomic_path, make_dirs
-from .errors import CheckpointNotFoundError
+from .errors import CheckpointNotFoundError, ConfigError
 from .layout import is_experiment_hash
 from .manager import CheckpointManager
 from .refs import parse_ref
@@ -102,6 +102,7 @@ def load(ref: str | os.PathLike[str] = "latest", *, root: str | os.PathLike[str]
     # replaced by an older one in a file the user will take for the newest.
     manifest = manager.read_manifest(entries[0])
     tensors = manager.load_tensors(manifest)
+    tensors.update(_whole_shards(manager, manifest))
     state = manifest.state
 
     def section(name: str) -> dict[str, Any]:
@@ -125,6 +126,26 @@ def load(ref: str | os.PathLike[str] = "latest", *, root: str | os.PathLike[str]
         out[name] = section(name)
     out["rng"] = section("rng")
     return out
+
+
+def _whole_shards(manager: CheckpointManager, manifest: Any) -> dict[str, torch.Tensor]:
+    """The sharded tensors of a distributed job's checkpoint (FSDP, DTensor), read whole in this
+    one process with torch.distributed.checkpoint, every file verified first."""
+    shards = manager.shards(manifest)
+    if shards is None:
+        return {}
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConfigError(f"checkpoint {manifest.ref} holds sharded tensors, which wl.load and wl.export read whole "
+                          "in one process; call them outside the torch.distributed job (or use `weightslab export`), "
+                          "or resume the checkpoint in the job with system.resume()")
+    from .sharded import load as load_shards
+
+    sharded = manifest.state["sharded"]["tensors"]
+    targets = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in manager.tensor_meta(manifest).items()
+               if key in sharded}
+    load_shards(targets, *shards)
+    return targets
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -118,6 +118,11 @@ class RemoteRoot:
                 if not self.fs.exists(remote):  # content-addressed: an existing pack is the same bytes
                     self._put(local, remote)
                     sent += local.stat().st_size
+            for local in self._shard_files(manifest):  # a distributed job's sharded tensors
+                remote = self._remote(local)
+                if not self.fs.exists(remote):  # (each save has its own directory: never rewritten)
+                    self._put(local, remote)
+                    sent += local.stat().st_size
             record = self.layout.experiment_record(h)
             if not self.fs.exists(self._remote(record)):
                 for local in (self.layout.architecture_text(h), self.layout.hyperparams_yaml(h), record):
@@ -181,12 +186,20 @@ class RemoteRoot:
         """Fetch the packs ``manifest`` needs that the staging root lacks; return the bytes fetched."""
         fetched = 0
         packs = {blob.pack for t in manifest.tensors.values() for blob in t.blob.chain()}
-        for pack in sorted(packs):
-            local = self.layout.pack(pack)
+        for local in [self.layout.pack(pack) for pack in sorted(packs)] + self._shard_files(manifest):
             if not local.exists():
                 self._download(self._remote(local), local)
                 fetched += local.stat().st_size
         return fetched
+
+    def _shard_files(self, manifest: Manifest) -> list[Path]:
+        sharded = manifest.state.get("sharded")
+        if sharded is None:
+            return []
+        try:
+            return self.layout.shard_files(manifest.experiment, sharded)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"checkpoint {manifest.ref}: {exc}; its manifest is damaged") from None
 
     # --- garbage collection -----------------------------------------------------------------
     def collect(self, *, grace_seconds: float = 300.0, dry_run: bool = False) -> GcReport:
@@ -202,6 +215,7 @@ class RemoteRoot:
             raise ValueError("grace_seconds must be >= 0")
         live: set[str] = set()
         digests: set[str] = set()
+        live_shards: set[str] = set()
         for remote in self.fs.glob(f"{self.base}/checkpoints/*/model/*_step_*.json"):
             if remote.rsplit("/", 1)[-1].startswith(".tmp."):
                 continue
@@ -214,9 +228,22 @@ class RemoteRoot:
                 for blob in tensor.blob.chain():
                     live.add(blob.pack)
                     digests.add(blob.digest)
+            live_shards.update(self._remote(f) for f in self._shard_files(manifest))
         now = time.time()
         deleted = freed = live_bytes = dead_kept = 0
         objects = self.fs.glob(f"{self.base}/objects/*/*")
+        shard_files = [f for f in self.fs.glob(f"{self.base}/checkpoints/*/shards/*/*") if f not in live_shards]
+        shard_sets = set()
+        for remote in shard_files:  # sharded saves whose manifest was deleted (or never uploaded)
+            info = self.fs.info(remote)
+            modified = _modified(info)
+            if modified is None or now - modified < grace_seconds:
+                dead_kept += int(info.get("size") or 0)
+                continue
+            shard_sets.add(remote.rsplit("/", 1)[0])
+            freed += int(info.get("size") or 0)
+            if not dry_run:
+                self.fs.rm(remote)
         for remote in objects:
             folder, name = remote.rsplit("/", 2)[-2:]
             temporary = name.startswith(".tmp.")
@@ -237,6 +264,7 @@ class RemoteRoot:
             if not dry_run:
                 self.fs.rm(remote)
         report = GcReport(packs_deleted=deleted, packs_rewritten=0, bytes_freed=freed, bytes_live=live_bytes,
-                          bytes_dead_kept=dead_kept, live_blobs=len(digests), dry_run=dry_run)
+                          bytes_dead_kept=dead_kept, live_blobs=len(digests), dry_run=dry_run,
+                          shard_sets_deleted=len(shard_sets))
         log.info("garbage collection of %s: %s", self.url, report)
         return report

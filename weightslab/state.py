@@ -25,7 +25,7 @@ from .errors import ArchitectureMismatchError, StateError
 from .ledger import Ledger
 from .manifest import canonical_json
 
-__all__ = ["Captured", "capture", "capture_early", "capture_own", "restore", "check_compatible", "RestoreReport"]
+__all__ = ["Captured", "capture", "capture_early", "capture_own", "capture_replicated", "restore", "check_compatible", "RestoreReport"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,16 @@ def capture(ledger: Ledger, *, step: int, early: Mapping[str, Any] | None = None
 
     ``early`` holds what :func:`capture_early` took at the boundary, if it was taken then.
     """
-    early = early if early is not None else capture_early(ledger)
+    captured = capture_replicated(ledger, step=step)
+    mine = capture_own(ledger, early=early)
+    captured.tree.update(mine.tree)
+    captured.tensors.update(mine.tensors)
+    return captured
+
+
+def capture_replicated(ledger: Ledger, *, step: int) -> Captured:
+    """The sections of the state that are the same on every rank of a data-parallel job (or
+    sharded across them): models, optimizers, schedulers, scalers, hyperparameters."""
     tensors: dict[str, torch.Tensor] = {}
     tree: dict[str, Any] = {"step": step}
 
@@ -99,9 +108,6 @@ def capture(ledger: Ledger, *, step: int, early: Mapping[str, Any] | None = None
         name: enc(_hp.to_plain(obj, where=f"hyperparameters {name!r}"), f"hyperparams/{name}",
                   f"hyperparameters {name!r}")
         for name, obj in ledger.objects("hyperparams").items()}
-    mine = capture_own(ledger, early=early)
-    tree.update(mine.tree)
-    tensors.update(mine.tensors)
     return Captured(tree=tree, tensors=tensors)
 
 

@@ -37,12 +37,13 @@ import torch
 from . import codec, data
 from . import hyperparams as _hp
 from . import ranks as _ranks
+from . import sharded as _sharded
 from . import state as _state
 from .binding import OptimizerBinding
 from .change import ChangeDetector, StateChange
 from .configfile import WATCH_MODES, ConfigFile, Edit, merge_edit
-from .errors import (CheckpointNotFoundError, CheckpointSaveError, ConfigError, CorruptCheckpointError, HyperparamsError,
-                     InvalidMetricsError, InvalidStepError, WeightslabError)
+from .errors import (ArchitectureMismatchError, CheckpointNotFoundError, CheckpointSaveError, ConfigError,
+                     CorruptCheckpointError, HyperparamsError, InvalidMetricsError, InvalidStepError, WeightslabError)
 from .experiment import ExperimentRecord, Parent
 from .fingerprint import ExperimentHashGenerator, Fingerprint, architecture_text, diff_architecture, diff_hyperparams
 from ._version import __version__
@@ -53,7 +54,8 @@ from .refs import check_name, parse_ref
 from .remote import RemoteRoot, is_remote, staging_dir
 from .preemption import PreemptionGuard, signal_numbers
 from .retention import KeepBest, Retention
-from .snapshot import Snapshotter
+from .sharded import is_sharded
+from .snapshot import Snapshotter, dtype_tag, tag_dtype
 from .surgery import carry_optimizer_state, parameter_names
 from .triggers import REASONS, SavePolicy
 from .world import World, digest64
@@ -387,6 +389,7 @@ class AutomaticCheckpointSystem:
         self._world: World | None = None  # the torch.distributed job, once one is seen
         self._edits: list[tuple[str, Edit]] = []  # rank 0: file edits read, to apply once every rank agreed
         self._edits_due = False  # every rank agreed at the last boundary to apply rank 0's edits now
+        self._shard_saves: list[tuple[str, _sharded.SaveHandle]] = []  # ranks > 0: their shards being written
         self._guard = PreemptionGuard(signal_numbers(config.preempt_signals), timeout=config.preempt_timeout)
         if config.preempt_signals and not self._guard.install():
             log.info("the checkpoint system was created outside the main thread: no preemption signal handlers")
@@ -597,6 +600,7 @@ class AutomaticCheckpointSystem:
             return  # (an implicit save is completed at the next forward first)
         try:
             self._writer.wait()
+            self._wait_shards()
         finally:
             world = self._job()
             if world is not None and world.alive:
@@ -853,63 +857,103 @@ class AutomaticCheckpointSystem:
         world = self._job()
         return world is None or world.rank == 0
 
-    def _gather_own(self, world: World, step: int, early: Mapping[str, Any] | None) -> list[_state.Captured] | None:
+    def _gather_own(self, world: World, step: int, payload: bytes, error: BaseException | None, *,
+                    sharded: int, skip: bool) -> tuple[list[_state.Captured], int] | None:
         """Every rank's own state (random generators, loader positions, custom state), on rank 0.
 
-        All ranks first exchange (captured, step, experiment): unless every rank captured its state
-        for the same step of the same experiment, no rank goes on, and each says why. Returns the
-        other ranks' captures on rank 0, [] on the others, None when the save is off everywhere.
+        All ranks first exchange (captured?, step, experiment, number of sharded tensors): unless
+        every rank captured its state for the same step of the same experiment, no rank goes on,
+        and each says why; rank 0's ``skip`` (its writer is behind) and its token (naming the
+        directory of sharded tensors) reach every rank with it. Returns the other ranks' captures on
+        rank 0 ([] on the others) and the token; None when the save is off on every rank.
         """
         assert self._experiment is not None
         ref = f"{self._experiment.hash}@{step}"
-        payload, error = b"", None
-        if world.rank != 0:  # (rank 0's own state is captured with the rest of its checkpoint)
-            try:
-                payload = _state.capture_own(self.ledger, early=early, prefix=f"ranks/{world.rank}/").to_bytes()
-            except Exception as exc:  # noqa: BLE001 - reported below, on every rank, after the others know
-                error = exc
+        token = uuid.uuid4().int >> 65  # 63 bits: fits an int64
         try:
-            headers = world.all_gather([int(error is None), step, digest64(self._experiment.hash), len(payload)])
+            headers = world.all_gather([int(error is None), step, digest64(self._experiment.hash), len(payload),
+                                        sharded, token, int(skip)])
             problems = [f"rank {r} could not capture its state" for r, h in enumerate(headers) if not h[0]]
-            if not problems and len({(h[1], h[2]) for h in headers}) > 1:
-                problems.append("the ranks are at different steps or experiments (" + ", ".join(
-                    f"rank {r}: step {h[1]}" for r, h in enumerate(headers)) + "); every rank must run the same "
-                    "loop and register the same objects")
+            if not problems and len({(h[1], h[2], h[4]) for h in headers}) > 1:
+                problems.append("the ranks are at different steps or experiments, or hold different sharded "
+                                "tensors (" + ", ".join(f"rank {r}: step {h[1]}, {h[4]} sharded tensors"
+                                                        for r, h in enumerate(headers)) + "); every rank must run "
+                                "the same loop and register the same objects")
             if problems:
                 raise error or CheckpointSaveError("; ".join(problems))
+            if headers[0][6]:
+                self._skip(ref)
+                return None
             payloads = world.gather_bytes(payload, [h[3] for h in headers])
         except Exception as exc:
             self._fail(f"checkpoint {ref}", exc)
             return None
-        if payloads is None:
-            return []
-        return [_state.Captured.from_bytes(p) for p in payloads[1:]]
+        others = [] if payloads is None else [_state.Captured.from_bytes(p) for p in payloads[1:]]
+        return others, headers[0][5]
 
     def _save(self, step: int, reasons: tuple[str, ...], changes: Sequence[dict[str, Any]],
               early: Mapping[str, Any] | None = None) -> bool:
+        """Take a checkpoint: capture, copy, hand to the writer. In a distributed job every rank
+        takes part (it was agreed at the boundary); rank 0 commits what all of them captured."""
         assert self._experiment is not None
         world = self._job()
+        if world is not None and not world.alive:
+            return False
+        ref = f"{self._experiment.hash}@{step}"
+        writes = world is None or world.rank == 0
+        skipping = self.config.backpressure == "skip" and not self.config.strict and "preempt" not in reasons
+        if skipping and world is None and not self._writer.has_room():
+            return self._skip(ref)
+        captured, payload, error = None, b"", None
+        try:
+            if writes:
+                captured = _state.capture(self.ledger, step=step, early=early)
+            else:  # the replicated sections only for their sharded tensors; its own state travels to rank 0
+                captured = _state.capture_replicated(self.ledger, step=step)
+                payload = _state.capture_own(self.ledger, early=early, prefix=f"ranks/{world.rank}/").to_bytes()
+        except Exception as exc:  # noqa: BLE001 - reported now (one process) or once every rank knows
+            error = exc
+        # (detached: DCP's staging deep-copies what it is given, and an FSDP parameter also holds an
+        # unsharded storage that is freed between steps)
+        sharded = {k: t.detach() for k, t in captured.tensors.items() if is_sharded(t)} if captured is not None \
+            else {}
         others: list[_state.Captured] = []
+        token = uuid.uuid4().hex[:16]
         if world is not None:
-            if not world.alive:
-                return False
-            gathered = self._gather_own(world, step, early)
+            gathered = self._gather_own(world, step, payload, error, sharded=len(sharded),
+                                        skip=writes and skipping and not self._writer.has_room())
             if gathered is None:
                 return False
+            others, token = gathered[0], f"{gathered[1]:016x}"
             self._saved.add((self._experiment.hash, step))  # on every rank: final saves are decided alike
-            if world.rank != 0:
-                return True
-            others = gathered
-        ref = f"{self._experiment.hash}@{step}"
-        skipping = self.config.backpressure == "skip" and not self.config.strict and "preempt" not in reasons
-        if skipping and not self._writer.has_room():
-            return self._skip(ref)
+        elif error is not None:
+            self._fail(f"checkpoint {ref}", error)
+            return False
+        assert captured is not None
+        shards = None
+        if sharded:  # every rank writes its shards, with torch.distributed.checkpoint, in the background
+            directory = self.manager.layout.shards(self._experiment.hash, step, token)
+            try:
+                shards = _sharded.async_save(sharded, directory)
+            except Exception as exc:
+                self._fail(f"checkpoint {ref} (sharded tensors)", exc)
+                return False
+            if not writes:
+                self._shard_saves.append((ref, shards))
+        if not writes:
+            return True
         try:
-            captured = _state.capture(self.ledger, step=step, early=early)
             if others:
                 _ranks.attach(captured.tree, [_ranks.own(captured.tree)] + [c.tree for c in others])
                 for other in others:
                     captured.tensors.update(other.tensors)
+            if sharded:
+                captured.tree["sharded"] = {
+                    "directory": f"shards/{directory.name}",
+                    "tensors": {k: {"dtype": dtype_tag(t.dtype, key=k), "shape": list(t.shape)}
+                                for k, t in sharded.items()}}
+                for key in sharded:
+                    del captured.tensors[key]
             snap = self._snapshotter.take(captured.tensors)
         except Exception as exc:
             self._fail(f"checkpoint {ref}", exc)
@@ -920,7 +964,7 @@ class AutomaticCheckpointSystem:
             experiment=self._experiment, step=step, reasons=reasons, changes=tuple(changes), metrics=metrics,
             tree=captured.tree, snapshot=snap, run=self._run, resumed_from=self._resumed_from,
             created=created, created_ns=created_ns, versions=_versions())
-        if skipping and not self._writer.has_room(snap.copied_bytes):
+        if skipping and world is None and not sharded and not self._writer.has_room(snap.copied_bytes):
             self._snapshotter.failed(snap)
             self._snapshotter.release(snap)
             return self._skip(ref)
@@ -928,12 +972,12 @@ class AutomaticCheckpointSystem:
         self._last_save_time = time.monotonic()
         if self.config.strict:
             try:
-                self._commit(request)
+                self._commit(request, shards)
             except Exception as exc:
                 raise CheckpointSaveError(f"checkpoint {ref} failed: {type(exc).__name__}: {exc}",
                                           errors=[exc]) from exc
         else:
-            self._writer.submit(ref, lambda: self._commit(request), snap.copied_bytes)
+            self._writer.submit(ref, lambda: self._commit(request, shards), snap.copied_bytes)
         return True
 
     def _skip(self, ref: str) -> bool:
@@ -948,8 +992,10 @@ class AutomaticCheckpointSystem:
         """Saves dropped because the writer was behind (``backpressure="skip"``)."""
         return self._skipped
 
-    def _commit(self, request: SaveRequest) -> Manifest:
+    def _commit(self, request: SaveRequest, shards: _sharded.SaveHandle | None = None) -> Manifest:
         try:
+            if shards is not None:  # the sharded tensors first: durable on every rank when this returns
+                request.tree["sharded"]["files"] = shards.result().to_json()
             manifest, refs = self.manager.commit(request)
         except BaseException:
             self._snapshotter.failed(request.snapshot)  # later saves must copy what this one did not store
@@ -1022,7 +1068,20 @@ class AutomaticCheckpointSystem:
     def wait(self) -> None:
         """Block until every save taken so far is durable; raise the failures kept since last time."""
         self._writer.wait()
+        self._wait_shards()
         self._raise_kept()
+
+    def _wait_shards(self) -> None:
+        """Ranks other than 0: wait for the sharded tensors they are writing (rank 0's writer waits
+        for every rank's before it commits)."""
+        while self._shard_saves:
+            ref, handle = self._shard_saves.pop(0)
+            try:
+                handle.result()
+            except Exception as exc:  # rank 0 fails the same checkpoint, which is not committed
+                log.warning("the sharded tensors of checkpoint %s failed on this rank: %s: %s", ref,
+                            type(exc).__name__, exc)
+                self._writer.keep(exc)
 
     flush = wait
 
@@ -1062,6 +1121,7 @@ class AutomaticCheckpointSystem:
                 atexit.unregister(self._atexit)
                 _forget(self)
         self._writer.close()
+        self._wait_shards()
         self._snapshotter.pool.clear()
         pending = self._guard.pending
         self._guard.uninstall()
@@ -1342,7 +1402,15 @@ class AutomaticCheckpointSystem:
             try:
                 manifest = self.manager.read_manifest(entry)
                 _state.check_compatible(self.ledger, manifest.state, self.manager.tensor_meta(manifest))
-                return manifest, self.manager.load_tensors(manifest), entry.path
+                tensors = self.manager.load_tensors(manifest)  # (fetches a remote root's packs and shards)
+                shards = self.manager.shards(manifest)
+                # Checked here too (every rank, each file), so that a damaged sharded save falls back
+                # to the previous checkpoint as a damaged pack does.
+                problems = _sharded.verify(*shards) if shards is not None else []
+                if problems:
+                    raise CorruptCheckpointError(f"its sharded tensors are damaged: {'; '.join(problems)}",
+                                                 path=shards[0] if shards else None)
+                return manifest, tensors, entry.path
             except CorruptCheckpointError as exc:
                 if not (may_fall_back and fall_back):
                     raise
@@ -1390,6 +1458,9 @@ class AutomaticCheckpointSystem:
             raise ConfigError(str(exc)) from None
         for note in notes:
             log.warning("resume from %s: %s", manifest.ref, note)
+        shards = self.manager.shards(manifest)
+        if shards is not None:
+            tensors = {**tensors, **self._load_shards(manifest, *shards)}
         report = _state.restore(self.ledger, tree, tensors)
         self._learn_restored(manifest, tensors)
         for what in report.missing:
@@ -1400,6 +1471,32 @@ class AutomaticCheckpointSystem:
                         manifest.ref, what)
         log.info("restored %s (step %d, %s) from %s", manifest.ref, manifest.step,
                  ", ".join(report.restored) or "nothing registered", path)
+
+    def _load_shards(self, manifest: Manifest, directory: Path, files: Any) -> dict[str, torch.Tensor]:
+        """Read a checkpoint's sharded tensors (every rank, collectively) into the live ones of the
+        registered objects, resharding to their placements; restore then loads them as they are."""
+        meta = manifest.state["sharded"]["tensors"]
+        live = _state.capture_replicated(self.ledger, step=manifest.step).tensors
+        targets = {key: live[key].detach() if key in live else self._shard_target(key, m) for key, m in meta.items()}
+        world = self._job()
+        _sharded.load(targets, directory, files, group=world.group if world is not None else None)
+        return targets
+
+    def _shard_target(self, key: str, meta: Mapping[str, Any]) -> torch.Tensor:
+        """A tensor to load sharded optimizer state into when the optimizer has none yet (it makes
+        its state at its first step): shaped and placed like the parameter it belongs to."""
+        parts = key.split("/")
+        optimizer = self.ledger.objects("optimizer").get(parts[1]) if len(parts) == 5 and \
+            parts[0] == "optimizers" and parts[2] == "state" and parts[3].isdigit() else None
+        if optimizer is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            index = int(parts[3])
+            if index < len(params) and is_sharded(params[index]) and list(params[index].shape) == list(meta["shape"]):
+                return torch.zeros_like(params[index].detach(), dtype=tag_dtype(meta["dtype"]))
+        raise ArchitectureMismatchError(
+            f"the checkpoint's sharded tensor {key} {list(meta['shape'])} has no counterpart among the registered "
+            "objects to load into; register the model and optimizer the checkpoint was saved from",
+            differences=[key])
 
     def _start_fresh(self) -> None:
         """Nothing to resume in this run's lineage. If the root holds a run of the same architecture
