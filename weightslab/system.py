@@ -266,14 +266,6 @@ def signal_name(number: int | None) -> str:
         return f"signal {number}"
 
 
-def _rank() -> tuple[int, int]:
-    """(rank, world size) of a running torch.distributed job; (0, 1) without one."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _now() -> tuple[str, int]:
     ns = time.time_ns()
     iso = _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.timezone.utc).isoformat(timespec="microseconds")
@@ -346,9 +338,10 @@ class AutomaticCheckpointSystem:
             raise ConfigError("pass either a CheckpointConfig or keyword settings, not both")
         self.config = config
         self.ledger = ledger
-        try:
+        try:  # only rank 0 sweeps temporary files: a pid in a file name means nothing on another host
             self.manager = CheckpointManager(config.local_root, compression=config.compression, delta=config.delta,
-                                             reanchor_interval=config.reanchor_interval, sweep=_rank()[0] == 0)
+                                             reanchor_interval=config.reanchor_interval,
+                                             sweep=getattr(World.current(), "rank", 0) == 0)
             self._remote = RemoteRoot(config.root_log_dir, self.manager.layout) \
                 if is_remote(config.root_log_dir) else None
             self.manager.remote = self._remote  # packs a restore needs are fetched before they are read
@@ -716,7 +709,7 @@ class AutomaticCheckpointSystem:
         payload = None
         if world.rank == 0:
             payload = canonical_json([{"name": n, "file": p, "values": codec.encode(e.values, path=f"hyperparams/{n}",
-                                                                                     tensors={}, what=f"{p}"),
+                                                                                     tensors={}, what=f"config file {p}"),
                                        "changed": list(e.changed)} for n, p, e in self._edits]).encode()
             self._edits = []
         received = json.loads(world.broadcast_bytes(payload))
@@ -1479,7 +1472,9 @@ class AutomaticCheckpointSystem:
         live = _state.capture_replicated(self.ledger, step=manifest.step).tensors
         targets = {key: live[key].detach() if key in live else self._shard_target(key, m) for key, m in meta.items()}
         world = self._job()
-        _sharded.load(targets, directory, files, group=world.group if world is not None else None)
+        # (_load verified every file on every rank, and _load_agreed made sure all ranks chose this
+        # checkpoint: no need to hash the files a second time)
+        _sharded.load(targets, directory, files, group=world.group if world is not None else None, verified=True)
         return targets
 
     def _shard_target(self, key: str, meta: Mapping[str, Any]) -> torch.Tensor:
