@@ -1,10 +1,9 @@
-"""Shared fixtures: an isolated root per test, a clean ledger and system, and no leaked threads."""
+"""Shared fixtures: an isolated root per test, a clean ledger and system, and no leaked threads.
+
+Fixtures only; helpers shared by tests are in tests/support.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -13,17 +12,6 @@ import pytest
 import weightslab as wl
 from weightslab import system as _system
 from weightslab.ledger import LEDGER
-
-REPO = Path(__file__).resolve().parent.parent
-
-#: The environment an exactness test's subprocesses need (DESIGN.md, Determinism): MKL's strict
-#: conditional-numerical-reproducibility mode, set before torch loads, and one thread.
-DETERMINISTIC_ENV = {
-    "MKL_CBWR": "AVX2,STRICT",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "PYTHONHASHSEED": "0",
-}
 
 
 @pytest.fixture
@@ -53,16 +41,3 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     leaked = [t.name for t in leaked if t.is_alive()]
     assert not leaked, f"test leaked threads: {leaked}"
 
-
-def run_python(code: str | None = None, *, script: Path | None = None, args: list[str] | None = None,
-               env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120,
-               check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run Python code or a script in a fresh interpreter with the deterministic environment."""
-    full_env = {**os.environ, **DETERMINISTIC_ENV, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, *(["-c", code] if code is not None else [str(script)]), *(args or [])]
-    proc = subprocess.run(cmd, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"subprocess failed with {proc.returncode}:\n--- stdout\n{proc.stdout}\n"
-                             f"--- stderr\n{proc.stderr}")
-    return proc

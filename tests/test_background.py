@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -17,11 +15,9 @@ from torch import nn
 
 import weightslab as wl
 from weightslab import system as _system
-from weightslab.layout import Layout
 from weightslab.manager import CheckpointManager
 
-from .conftest import DETERMINISTIC_ENV, REPO
-from .test_resume_exact import SCRIPT, _assert_same, _start_of, _train
+from .support import assert_same, read_manifest, spawn, start_of, train
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 
@@ -218,44 +214,35 @@ def test_every_seconds_saves_when_the_time_has_come(root: Path, monkeypatch) -> 
     clock[0] += 31
     assert wl.checkpoint_on_step(5) is True
     system.wait()
-    m = json.loads(Layout(root).manifest(system.experiment_hash, 3).read_text())
+    m = read_manifest(root, system.experiment_hash, 3)
     assert m["reasons"] == ["time"]
     system.close()
 
 
 def test_a_time_triggered_implicit_run_resumes_exactly(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    _train(tmp_path / "r0", straight)
+    train(tmp_path / "r0", straight)
     root, out = tmp_path / "root", tmp_path / "final"
     # every boundary is "due" by time, and the loop never calls checkpoint_on_step
-    _train(root, out, "--implicit", "--frequency", "0", "--every-seconds", "1e-9", "--steps", "23")
+    train(root, out, "--implicit", "--frequency", "0", "--every-seconds", "1e-9", "--steps", "23")
     steps = [e.step for e in CheckpointManager(root).checkpoints()]
     assert steps == list(range(1, 24))
-    assert _start_of(_train(root, out, "--implicit", "--frequency", "0", "--every-seconds", "1e-9")) == 23
-    _assert_same(straight, out)
+    assert start_of(train(root, out, "--implicit", "--frequency", "0", "--every-seconds", "1e-9")) == 23
+    assert_same(straight, out)
 
 
 def test_the_exit_checkpoint_resumes_exactly(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    _train(tmp_path / "r0", straight)
+    train(tmp_path / "r0", straight)
     root, out = tmp_path / "root", tmp_path / "final"
-    _train(root, out, "--steps", "23")  # not a multiple of the frequency: saved at close
+    train(root, out, "--steps", "23")  # not a multiple of the frequency: saved at close
     manager = CheckpointManager(root)
     assert json.loads(manager.checkpoints()[-1].path.read_text())["reasons"] == ["exit"]
-    assert _start_of(_train(root, out)) == 23
-    _assert_same(straight, out)
+    assert start_of(train(root, out)) == 23
+    assert_same(straight, out)
 
 
 # --- 4. preemption -----------------------------------------------------------------------------
-
-def _spawn(root: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    env = {**os.environ, **DETERMINISTIC_ENV, "PYTHONPATH": str(REPO)}
-    # A shell that starts the tests in the background ignores SIGINT, and children inherit that
-    # (Python then installs no KeyboardInterrupt handler): give the child the default disposition.
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(root), str(out), *extra], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
 
 def _until(proc: subprocess.Popen[str], marker: str) -> None:
     assert proc.stdout is not None
@@ -278,13 +265,13 @@ def _steps(root: Path) -> dict[int, list[str]]:
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("straight")
-    _train(base / "root", base / "final")
+    train(base / "root", base / "final")
     return base / "final"
 
 
 def test_sigterm_takes_a_final_checkpoint_then_dies_as_it_would_have(tmp_path: Path, straight_run: Path) -> None:
     root, out = tmp_path / "root", tmp_path / "final"
-    proc = _spawn(root, out, "--frequency", "1000", "--pause-at", "7")
+    proc = spawn(root, out, "--frequency", "1000", "--pause-at", "7")
     _until(proc, "READY")
     proc.send_signal(signal.SIGTERM)
     proc.stdin.write("go\n")
@@ -294,13 +281,13 @@ def test_sigterm_takes_a_final_checkpoint_then_dies_as_it_would_have(tmp_path: P
     assert "SIGTERM received" in stderr and "final checkpoint after SIGTERM is durable" in stderr
     assert _steps(root) == {8: ["preempt"]}  # the next step boundary
     assert CheckpointManager(root).verify().ok
-    assert _start_of(_train(root, out, "--frequency", "1000")) == 8
-    _assert_same(straight_run, out)
+    assert start_of(train(root, out, "--frequency", "1000")) == 8
+    assert_same(straight_run, out)
 
 
 def test_a_users_own_handler_still_runs_after_the_checkpoint(tmp_path: Path) -> None:
     root, out = tmp_path / "root", tmp_path / "final"
-    proc = _spawn(root, out, "--frequency", "1000", "--pause-at", "5", "--user-handler")
+    proc = spawn(root, out, "--frequency", "1000", "--pause-at", "5", "--user-handler")
     _until(proc, "READY")
     proc.send_signal(signal.SIGTERM)
     proc.stdin.write("go\n")
@@ -312,7 +299,7 @@ def test_a_users_own_handler_still_runs_after_the_checkpoint(tmp_path: Path) -> 
 
 def test_sigint_checkpoints_then_raises_keyboard_interrupt(tmp_path: Path) -> None:
     root, out = tmp_path / "root", tmp_path / "final"
-    proc = _spawn(root, out, "--frequency", "1000", "--pause-at", "4")
+    proc = spawn(root, out, "--frequency", "1000", "--pause-at", "4")
     _until(proc, "READY")
     proc.send_signal(signal.SIGINT)
     proc.stdin.write("go\n")
@@ -324,7 +311,7 @@ def test_sigint_checkpoints_then_raises_keyboard_interrupt(tmp_path: Path) -> No
 
 def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
     root, out = tmp_path / "root", tmp_path / "final"
-    proc = _spawn(root, out, "--frequency", "1000", "--pause-at", "4")
+    proc = spawn(root, out, "--frequency", "1000", "--pause-at", "4")
     _until(proc, "READY")
     proc.send_signal(signal.SIGTERM)
     assert proc.stderr is not None
@@ -339,7 +326,7 @@ def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
 
 def test_no_step_boundary_within_the_timeout_stops_without_a_checkpoint(tmp_path: Path) -> None:
     root, out = tmp_path / "root", tmp_path / "final"
-    proc = _spawn(root, out, "--frequency", "1000", "--pause-at", "4", "--preempt-timeout", "0.5")
+    proc = spawn(root, out, "--frequency", "1000", "--pause-at", "4", "--preempt-timeout", "0.5")
     _until(proc, "READY")
     proc.send_signal(signal.SIGTERM)  # and the child stays blocked on stdin: no boundary will come
     code = proc.wait(timeout=60)  # (communicate() would close stdin and unblock it)

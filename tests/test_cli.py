@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from weightslab.manager import CheckpointManager
 
-from .conftest import REPO, run_python
+from .support import REPO, run_cli, run_python
 
 TRAIN = r'''
 import sys, torch
@@ -48,16 +47,6 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
     return root, proc.stdout.strip().splitlines()[-1]
 
 
-def weightslab(*args: str, root: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("weightslab")
-    assert script.exists(), f"the console script is not installed next to {sys.executable}: pip install -e ."
-    full_env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    full_env.update(env or {})
-    if root is not None:
-        full_env["WEIGHTSLAB_ROOT"] = str(root)
-    return subprocess.run([str(script), *args], capture_output=True, text=True, env=full_env, timeout=120)
-
-
 def _fits(text: str) -> None:
     long = [line for line in text.splitlines() if len(line) > 80]
     assert long == [], long
@@ -66,7 +55,7 @@ def _fits(text: str) -> None:
 # --- listing ---------------------------------------------------------------------------------------------
 def test_ls_lists_every_experiment_with_its_lineage_and_sizes(trained):
     root, base = trained
-    proc = weightslab("ls", root=root)
+    proc = run_cli("ls", root=root)
     assert proc.returncode == 0, proc.stderr
     _fits(proc.stdout)
     assert "\033[" not in proc.stdout  # not a terminal: no colour
@@ -77,7 +66,7 @@ def test_ls_lists_every_experiment_with_its_lineage_and_sizes(trained):
     assert rows[base[:8]][1:6] == ["baseline", "-", "-", "5-20", "4"]
     reasons = sorted(r[3] for r in rows.values())
     assert reasons == ["-", "config", "fork"]
-    data = json.loads(weightslab("ls", "--json", root=root).stdout)
+    data = json.loads(run_cli("ls", "--json", root=root).stdout)
     by_hash = {r["hash"]: r for r in data}
     manager = CheckpointManager(root)
     for h in manager.experiments():
@@ -90,7 +79,7 @@ def test_ls_lists_every_experiment_with_its_lineage_and_sizes(trained):
 
 def test_log_draws_the_lineage_with_reasons(trained):
     root, base = trained
-    proc = weightslab("log", root=root)
+    proc = run_cli("log", root=root)
     assert proc.returncode == 0, proc.stderr
     _fits(proc.stdout)
     out = proc.stdout
@@ -98,32 +87,32 @@ def test_log_draws_the_lineage_with_reasons(trained):
     assert "config_change at" in out and "config.optimizer.lr: 0.1 -> 0.01" in out
     assert f"fork at {base[:8]}@10: config.optimizer.lr: 0.1 -> 0.05" in out
     assert out.count("|-- * ") + out.count("`-- * ") == 2
-    sweep = weightslab("log", "sweep@latest", "--json", root=root)
+    sweep = run_cli("log", "sweep@latest", "--json", root=root)
     tree = json.loads(sweep.stdout)
     assert {t["reason"] for t in tree} == {None, "fork"}  # its ancestor and itself, not the config child
 
 
 def test_show_diff_and_resume_info(trained):
     root, base = trained
-    show = weightslab("show", "baseline@best:loss", root=root)
+    show = run_cli("show", "baseline@best:loss", root=root)
     assert show.returncode == 0, show.stderr
     _fits(show.stdout)
     assert f"checkpoint {base}@20  (baseline)" in show.stdout  # the loss falls: the last one is best
     assert "lr: 0.1" in show.stdout and "Linear(in_features=4, out_features=8, bias=True)" in show.stdout
-    info = json.loads(weightslab("show", "sweep@15", "--json", root=root).stdout)
+    info = json.loads(run_cli("show", "sweep@15", "--json", root=root).stdout)
     assert info["step"] == 15 and info["hyperparams"]["config"]["optimizer"]["lr"] == 0.05
     assert info["parent"]["reason"] == "fork" and info["branch"] == "sweep"
 
-    diff = weightslab("diff", f"{base}@10", "sweep@15", root=root)
+    diff = run_cli("diff", f"{base}@10", "sweep@15", root=root)
     assert diff.returncode == 0, diff.stderr
     assert "config.optimizer.lr: 0.1 -> 0.05" in diff.stdout and "(the same)" in diff.stdout
-    data = json.loads(weightslab("diff", f"{base}@10", "sweep@10", "--json", root=root).stdout)
+    data = json.loads(run_cli("diff", f"{base}@10", "sweep@10", "--json", root=root).stdout)
     assert data["hyperparams"] == ["config.optimizer.lr: 0.1 -> 0.05"]
     assert {t["relative_l2"] for t in data["tensors"]} == {0.0}  # the fork starts from those very weights
-    moved = json.loads(weightslab("diff", f"{base}@10", f"{base}@20", "--json", root=root).stdout)
+    moved = json.loads(run_cli("diff", f"{base}@10", f"{base}@20", "--json", root=root).stdout)
     assert all(t["relative_l2"] > 0 for t in moved["tensors"]) and len(moved["tensors"]) == 4
 
-    resume = weightslab("resume-info", "sweep@latest", root=root)
+    resume = run_cli("resume-info", "sweep@latest", root=root)
     assert resume.returncode == 0
     assert "restores step 25; the loop continues at step 26" in resume.stdout
     assert "optimizers        main" in resume.stdout
@@ -133,17 +122,17 @@ def test_show_diff_and_resume_info(trained):
 def test_verify_names_every_damaged_file_and_exits_1(trained, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(trained[0], root)
-    ok = weightslab("verify", root=root)
+    ok = run_cli("verify", root=root)
     assert ok.returncode == 0 and "all verify" in ok.stdout
     packs = sorted((root / "objects").rglob("*.safetensors"))
     victim = packs[len(packs) // 2]
     data = bytearray(victim.read_bytes())
     data[-5] ^= 0xFF
     victim.write_bytes(bytes(data))
-    bad = weightslab("verify", root=root)
+    bad = run_cli("verify", root=root)
     assert bad.returncode == 1
     assert "damaged" in bad.stdout and victim.name in bad.stdout
-    report = json.loads(weightslab("verify", "--json", root=root).stdout)
+    report = json.loads(run_cli("verify", "--json", root=root).stdout)
     assert report["ok"] is False and all(victim.name in d["problem"] for d in report["damaged"])
 
 
@@ -151,25 +140,25 @@ def test_prune_then_gc_show_what_goes_and_the_bytes(trained, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(trained[0], root)
     before = CheckpointManager(root).checkpoints()
-    dry = weightslab("prune", "--keep-last", "1", "--dry-run", root=root)
+    dry = run_cli("prune", "--keep-last", "1", "--dry-run", root=root)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith(f"would delete {len(before) - 3} of {len(before)} checkpoints")
     assert len(CheckpointManager(root).checkpoints()) == len(before)  # a dry run changes nothing
-    done = weightslab("prune", "--keep-last", "1", "--json", root=root)
+    done = run_cli("prune", "--keep-last", "1", "--json", root=root)
     plan = json.loads(done.stdout)
     assert len(plan["delete"]) == len(before) - 3 and plan["bytes_freed_by_gc"] > 0
     assert len(CheckpointManager(root).checkpoints()) == 3
-    gc = weightslab("gc", "--grace", "0", "--json", root=root)
+    gc = run_cli("gc", "--grace", "0", "--json", root=root)
     assert gc.returncode == 0 and json.loads(gc.stdout)["bytes_freed"] > 0
-    assert weightslab("verify", root=root).returncode == 0
-    ls = json.loads(weightslab("ls", "--json", root=root).stdout)
+    assert run_cli("verify", root=root).returncode == 0
+    ls = json.loads(run_cli("ls", "--json", root=root).stdout)
     assert sorted(r["checkpoints"] for r in ls) == [1, 1, 1]
 
 
 def test_export_writes_a_standard_file(trained, tmp_path):
     root, base = trained
     out = tmp_path / "w.safetensors"
-    proc = weightslab("export", "baseline@20", str(out), root=root)
+    proc = run_cli("export", "baseline@20", str(out), root=root)
     assert proc.returncode == 0, proc.stderr
     from safetensors.torch import load_file
     weights = load_file(str(out))
@@ -185,47 +174,47 @@ def test_export_writes_a_standard_file(trained, tmp_path):
     (["frobnicate"], 2, "invalid choice"),
 ])
 def test_errors_are_one_line_with_a_documented_exit_code(trained, args, code, says):
-    proc = weightslab(*args, root=trained[0])
+    proc = run_cli(*args, root=trained[0])
     assert proc.returncode == code, (proc.stdout, proc.stderr)
     assert says in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("weightslab: error:")
 
 
 def test_not_a_root_and_a_corrupt_manifest(trained, tmp_path):
-    proc = weightslab("ls", "--root", str(tmp_path))
+    proc = run_cli("ls", "--root", str(tmp_path))
     assert proc.returncode == 3 and "is not a weightslab root" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     root = tmp_path / "copy"
     shutil.copytree(trained[0], root)
     entry = CheckpointManager(root).checkpoints()[0]
     entry.path.write_text(entry.path.read_text().replace('"step"', '"stop"', 1))
-    proc = weightslab("show", entry.ref, root=root)
+    proc = run_cli("show", entry.ref, root=root)
     assert proc.returncode == 5 and entry.path.name in proc.stderr
-    listing = weightslab("ls", root=root)  # the listing survives a damaged manifest
+    listing = run_cli("ls", root=root)  # the listing survives a damaged manifest
     assert listing.returncode == 0
 
 
 def test_help_documents_exit_codes_and_python_m_works(trained):
-    proc = weightslab("verify", "--help")
+    proc = run_cli("verify", "--help")
     assert proc.returncode == 0 and "exit codes:" in proc.stdout and "3  the root is not a weightslab root" in proc.stdout
     via_m = subprocess.run([sys.executable, "-m", "weightslab", "ls", "--json", "--root", str(trained[0])],
                            capture_output=True, text=True, timeout=120, cwd=REPO)
     assert via_m.returncode == 0 and json.loads(via_m.stdout) == json.loads(
-        weightslab("ls", "--json", root=trained[0]).stdout)
+        run_cli("ls", "--json", root=trained[0]).stdout)
 
 
 def test_colour_only_when_asked_or_on_a_terminal(trained):
-    plain = weightslab("ls", root=trained[0]).stdout
-    painted = weightslab("ls", "--color", "always", root=trained[0]).stdout
+    plain = run_cli("ls", root=trained[0]).stdout
+    painted = run_cli("ls", "--color", "always", root=trained[0]).stdout
     assert "\033[1m" in painted and "\033[" not in plain
-    assert weightslab("ls", "--color", "always", root=trained[0], env={"NO_COLOR": "1"}).stdout == painted
+    assert run_cli("ls", "--color", "always", root=trained[0], env={"NO_COLOR": "1"}).stdout == painted
 
 
 def test_ls_best_column_for_a_metric_where_higher_is_better(trained):
     root, base = trained
-    low = weightslab("ls", "--json", root=root)
+    low = run_cli("ls", "--json", root=root)
     rows = {r["hash"]: r for r in json.loads(low.stdout)}
     assert rows[base]["highest"]["loss"] >= rows[base]["best"]["loss"]
-    table = weightslab("ls", "--metric", "loss:max", root=root).stdout
+    table = run_cli("ls", "--metric", "loss:max", root=root).stdout
     line = next(line for line in table.splitlines() if line.startswith(base[:8]))
     assert line.split()[-2:] == ["loss", f"{rows[base]['highest']['loss']:.4g}"]

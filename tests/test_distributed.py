@@ -6,7 +6,6 @@ resumed ends bit for bit where an uninterrupted one does, on every rank."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import torch
 from weightslab.layout import Layout
 from weightslab.manager import CheckpointManager
 
-from .conftest import DETERMINISTIC_ENV, REPO
+from .support import REPO, child_env
 
 SCRIPT = REPO / "tests" / "scripts" / "ddp_train.py"
 
@@ -31,7 +30,7 @@ class Ranks:
     """The processes of one job, their output collected line by line as it comes."""
 
     def __init__(self, tmp: Path, root: Path, out: Path, *extra: str, world: int = 2):
-        env = {**os.environ, **DETERMINISTIC_ENV, "PYTHONPATH": str(REPO)}
+        env = child_env()
         init = tmp / f"init-{out.name}"
         self.procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(root), str(out), str(rank), str(world),
                                         str(init), *extra], env=env, stdout=subprocess.PIPE,
@@ -181,7 +180,7 @@ FSDP = REPO / "tests" / "scripts" / "fsdp_train.py"
 
 
 def _fsdp(tmp: Path, root: Path | str, out: Path, *extra: str, staging: Path | None = None) -> list[str]:
-    env = {**os.environ, **DETERMINISTIC_ENV, "PYTHONPATH": str(REPO)}
+    env = child_env()
     if staging is not None:
         env["WEIGHTSLAB_STAGING"] = str(staging)
     init = tmp / f"init-{out.name}"

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,18 +14,9 @@ from weightslab.fingerprint import (DEFAULT_EXCLUDED_KEYS, ExperimentHashGenerat
                                     architecture_text, describe_architecture, diff_architecture,
                                     diff_hyperparams)
 
+from .support import run_python
+
 HEX16 = re.compile(r"[0-9a-f]{16}")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _run_python(code: str, *args: str, hash_seed: str) -> str:
-    """Run ``code`` in a fresh interpreter (its own hash seed) and return its stdout."""
-    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout.strip()
 
 
 def _hash(model=None, hp=None, **kwargs) -> str:
@@ -88,8 +75,8 @@ def _determinism_model_and_hp():
 def test_hash_is_deterministic_across_fresh_interpreters():
     # Different hash seeds change set iteration order (so dict insertion order) and the seed
     # changes parameter values: neither may change the experiment hash.
-    first = _run_python(DETERMINISM_SCRIPT, "1", hash_seed="1")
-    second = _run_python(DETERMINISM_SCRIPT, "2", hash_seed="2")
+    first = run_python(DETERMINISM_SCRIPT, args=["1"], env={"PYTHONHASHSEED": "1"}).stdout.strip()
+    second = run_python(DETERMINISM_SCRIPT, args=["2"], env={"PYTHONHASHSEED": "2"}).stdout.strip()
     assert HEX16.fullmatch(first), first
     assert first == second
     model, hp = _determinism_model_and_hp()

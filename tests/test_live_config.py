@@ -19,7 +19,7 @@ from torch import nn
 import weightslab as wl
 from weightslab.manager import CheckpointManager
 
-from .conftest import REPO, run_python
+from .support import REPO, run_python
 
 CONFIG = "optimizer:\n  lr: 0.1\n  momentum: 0.0\nmodel:\n  width: 8\nepochs: 3\n"
 

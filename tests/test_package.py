@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conftest import run_python
+from .support import run_python
 
 
 def test_import_is_lazy_and_every_public_name_and_submodule_resolves():

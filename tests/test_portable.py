@@ -25,9 +25,7 @@ import weightslab as wl
 from weightslab.portable import export, load
 from weightslab.layout import Layout
 
-from .conftest import REPO, run_python
-
-DATA = REPO / "tests" / "data"
+from .support import DATA, manifests, read_manifest, run_python
 WHEN = dt.datetime(2024, 5, 17, 12, 30, 15, 250, tzinfo=dt.timezone.utc)
 
 
@@ -339,7 +337,7 @@ def test_export_from_a_zstd_delta_root_is_bit_exact(root: Path, tmp_path: Path) 
     run = Run(root, steps=6, width=64, compression="zstd", delta=True)
     h = run.hash
     run.system.close()
-    manifest = json.loads(Layout(root).manifest(h, 6).read_text())
+    manifest = read_manifest(root, h, 6)
     entries = manifest["tensors"].values()
     assert any("base" in e for e in entries), "the run should have stored XOR deltas"
     assert any(e.get("encoding", "raw") != "raw" for e in entries), "the run should have compressed blobs"
@@ -362,9 +360,9 @@ def test_reads_the_foundation_format_v1_root(tmp_path: Path) -> None:
     before = _tree_listing(fixture)
     root = tmp_path / "root-v1"
     shutil.copytree(fixture, root)  # never touch the committed fixture
-    steps = {h: [s for s, _ in Layout(root).manifests(h)] for h in Layout(root).experiments()}
+    steps = manifests(root)
     h = next(h for h, found in steps.items() if 4 in found)
-    assert json.loads(Layout(root).manifest(h, 4).read_text())["format_version"] == 1
+    assert read_manifest(root, h, 4)["format_version"] == 1
     expected = safetensors.torch.load_file(DATA / "root-v1-expected-step4.safetensors")
 
     state = load(f"{h}@4", root=root)
@@ -433,7 +431,7 @@ def test_a_damaged_checkpoint_raises_and_writes_nothing(root: Path, tmp_path: Pa
     run = Run(root, steps=2)
     h = run.hash
     run.system.close()
-    entry = json.loads(Layout(root).manifest(h, 2).read_text())["tensors"]["models/main/head.weight"]
+    entry = read_manifest(root, h, 2)["tensors"]["models/main/head.weight"]
     pack = Layout(root).pack(entry["pack"])
     data = bytearray(pack.read_bytes())
     data[entry["offset"]] ^= 0x01

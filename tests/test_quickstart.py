@@ -6,7 +6,7 @@ from pathlib import Path
 
 from weightslab.manager import CheckpointManager
 
-from .conftest import REPO, run_python
+from .support import REPO, run_python
 
 
 def test_quickstart_trains_changes_crashes_resumes_and_reports(tmp_path: Path) -> None:

@@ -16,8 +16,7 @@ from torch import nn
 import weightslab as wl
 from weightslab.remote import RemoteRoot
 
-from .conftest import run_python
-from .test_resume_exact import _assert_same, _kill_when, _spawn, _start_of, _train
+from .support import assert_same, kill_when, run_cli, run_python, spawn, start_of, train
 
 fsspec = pytest.importorskip("fsspec")
 
@@ -146,15 +145,15 @@ def test_names_go_up_and_resolve_on_another_machine(url, staging):
 
 def test_a_killed_process_resumes_from_a_file_url_on_another_staging_root(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    _train(tmp_path / "r0", straight)
+    train(tmp_path / "r0", straight)
     url = f"file://{tmp_path / 'remote'}"
     monkeypatch.setenv("WEIGHTSLAB_STAGING", str(tmp_path / "staging-a"))
-    proc = _spawn(url, tmp_path / "out", "--pause-at", "25")
-    _kill_when(proc, "READY")  # wait() returned: step 25 is durable locally and uploaded
+    proc = spawn(url, tmp_path / "out", "--pause-at", "25")
+    kill_when(proc, "READY")  # wait() returned: step 25 is durable locally and uploaded
     monkeypatch.setenv("WEIGHTSLAB_STAGING", str(tmp_path / "staging-b"))
-    stdout = _train(url, tmp_path / "out")
-    assert _start_of(stdout) == 25
-    _assert_same(straight, tmp_path / "out")
+    stdout = train(url, tmp_path / "out")
+    assert start_of(stdout) == 25
+    assert_same(straight, tmp_path / "out")
 
 
 def test_without_fsspec_the_error_names_the_extra(tmp_path):
@@ -171,8 +170,6 @@ except wl.ConfigError as exc:
 
 
 def test_the_command_line_reads_a_remote_root(tmp_path, staging):
-    from .test_cli import weightslab
-
     url = f"file://{tmp_path / 'bucket'}"
     staging("trainer")
     run = Run(url)
@@ -181,25 +178,25 @@ def test_the_command_line_reads_a_remote_root(tmp_path, staging):
     run.system.wait()
     run.close()
     env = {"WEIGHTSLAB_STAGING": str(tmp_path / "cli")}  # another machine: nothing local
-    listing = weightslab("ls", "--json", "--root", url, env=env)
+    listing = run_cli("ls", "--json", "--root", url, env=env)
     assert listing.returncode == 0, listing.stderr
     (row,) = json.loads(listing.stdout)
     assert row["names"] == ["base"] and row["checkpoints"] == 3 and row["last_step"] == 6
-    shown = weightslab("show", "base@4", "--root", url, env=env)
+    shown = run_cli("show", "base@4", "--root", url, env=env)
     assert shown.returncode == 0 and "checkpoint" in shown.stdout and "@4" in shown.stdout
-    diff = json.loads(weightslab("diff", "base@2", "base@6", "--json", "--root", url, env=env).stdout)
+    diff = json.loads(run_cli("diff", "base@2", "base@6", "--json", "--root", url, env=env).stdout)
     assert all(t["relative_l2"] > 0 for t in diff["tensors"])  # packs fetched on demand, verified
-    assert weightslab("verify", "--root", url, env=env).returncode == 0
-    pruned = weightslab("prune", "--keep-last", "1", "--json", "--root", url, env=env)
+    assert run_cli("verify", "--root", url, env=env).returncode == 0
+    pruned = run_cli("prune", "--keep-last", "1", "--json", "--root", url, env=env)
     assert pruned.returncode == 0, pruned.stderr
     assert len(json.loads(pruned.stdout)["delete"]) == 2 and _remote_steps(url) == [6]
-    collected = json.loads(weightslab("gc", "--grace", "0", "--json", "--root", url, env=env).stdout)
+    collected = json.loads(run_cli("gc", "--grace", "0", "--json", "--root", url, env=env).stdout)
     assert collected["bytes_freed"] > 0 and collected["packs_deleted"] >= 1
     staging("after-gc")  # what is left still resumes, every byte verified
     again = Run(url)
     assert again.system.resume() == 6
     again.close()
-    missing = weightslab("ls", "--root", f"file://{tmp_path / 'nothing'}", env=env)
+    missing = run_cli("ls", "--root", f"file://{tmp_path / 'nothing'}", env=env)
     assert missing.returncode == 3 and "not a weightslab root" in missing.stderr
 
 

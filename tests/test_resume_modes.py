@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import weightslab as wl
 from weightslab.layout import Layout
 
+from .support import make_model
+
 
 def build(width: int = 8):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 1))
+    model = make_model(width)
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 

@@ -9,7 +9,6 @@ process does with the files it left: a 2-rank save loaded whole, ``verify``, and
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from weightslab import sharded
 from weightslab.errors import (CheckpointSaveError, CorruptCheckpointError, FormatVersionError, StateError,
                                WeightslabError)
 
-from .conftest import DETERMINISTIC_ENV, REPO
+from .support import REPO, child_env
 
 SCRIPT = REPO / "tests" / "scripts" / "sharded_worker.py"
 WORLD = 2
@@ -37,7 +36,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     tmp = tmp_path_factory.mktemp("sharded")
     work = tmp / "work"
     work.mkdir()
-    env = {**os.environ, **DETERMINISTIC_ENV, "PYTHONPATH": str(REPO)}
+    env = child_env()
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(rank), str(WORLD), str(tmp / "init"), str(work)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(WORLD)]

@@ -18,9 +18,7 @@ import weightslab as wl
 from weightslab.layout import Layout
 from weightslab.manager import CheckpointManager
 
-from .conftest import DETERMINISTIC_ENV, REPO
-
-DATA = Path(__file__).parent / "data"
+from .support import DATA, child_env, read_manifest
 
 
 def disk_bytes(root: Path) -> int:
@@ -270,7 +268,7 @@ def three_checkpoints(root: Path):
 
 
 def _weight_pack(root: Path, exp: str, step_: int) -> tuple[Path, dict]:
-    entry = json.loads(Layout(root).manifest(exp, step_).read_text())["tensors"]["models/main/weight"]
+    entry = read_manifest(root, exp, step_)["tensors"]["models/main/weight"]
     return root / "objects" / entry["pack"][:2] / f"{entry['pack'][2:]}.safetensors", entry
 
 
@@ -481,7 +479,7 @@ print(freed)
 
 def test_gc_is_safe_while_another_process_is_writing(tmp_path: Path) -> None:
     root = tmp_path / "shared"
-    env = {**os.environ, **DETERMINISTIC_ENV, "PYTHONPATH": str(REPO)}
+    env = child_env()
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), "60"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     assert writer.stdout is not None
@@ -531,7 +529,7 @@ def test_checkpoints_of_the_foundation_format_still_load(tmp_path: Path) -> None
     opt.step()
     wl.checkpoint_on_step(5)  # new checkpoints in the new format, beside the old ones
     system.wait()
-    assert json.loads(Layout(root).manifest(system.experiment_hash, 5).read_text())["format_version"] == 2
+    assert read_manifest(root, system.experiment_hash, 5)["format_version"] == 2
     assert wl.verify().ok
     system.close()
 
@@ -549,7 +547,7 @@ def test_a_damaged_delta_anchor_is_named_when_the_delta_is_restored(root: Path) 
         wl.checkpoint_on_step(s)
     system.wait()
     h = system.experiment_hash
-    delta = json.loads(Layout(root).manifest(h, 2).read_text())["tensors"]["models/main/0.weight"]
+    delta = read_manifest(root, h, 2)["tensors"]["models/main/0.weight"]
     assert delta["encoding"] == "xor-zstd"
     anchor = delta["base"]
     anchor_path = root / "objects" / anchor["pack"][:2] / f"{anchor['pack'][2:]}.safetensors"

@@ -18,12 +18,7 @@ from weightslab import system as _system
 from weightslab.layout import Layout
 from weightslab.manager import CheckpointManager
 
-from .conftest import run_python
-
-
-def make_model(width: int = 8) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 1))
+from .support import make_model, manifests, read_manifest, run_python
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer) -> float:
@@ -44,15 +39,6 @@ def setup_run(root: Path, *, frequency: int | None = 5, config: dict | None = No
     return system, model, opt, cfg
 
 
-def manifests(root: Path) -> dict[str, list[int]]:
-    layout = Layout(root)
-    return {h: [s for s, _ in layout.manifests(h)] for h in layout.experiments()}
-
-
-def read_manifest(root: Path, exp: str, step: int) -> dict:
-    return json.loads(Layout(root).manifest(exp, step).read_text())
-
-
 def read_experiment(root: Path, exp: str) -> dict:
     return json.loads(Layout(root).experiment_record(exp).read_text())
 
@@ -61,8 +47,9 @@ def read_experiment(root: Path, exp: str) -> dict:
 
 def test_layout_and_frequency(root: Path) -> None:
     system, model, opt, cfg = setup_run(root)
+    losses = {}
     for step in range(1, 13):
-        loss = train_step(model, opt)
+        loss = losses[step] = train_step(model, opt)
         wl.checkpoint_on_step(step, metrics={"loss": loss})
     h = system.experiment_hash
     system.close()
@@ -80,9 +67,11 @@ def test_layout_and_frequency(root: Path) -> None:
 
     m5 = read_manifest(root, h, 5)
     assert m5["reasons"] == ["step"] and m5["step"] == 5
-    assert m5["metrics"]["loss"] == pytest.approx(m5["metrics"]["loss"])
+    assert m5["metrics"] == {"loss": losses[5]}  # the metrics passed at step 5, exactly
     assert set(m5["tensors"]) >= {"models/main/0.weight", "models/main/2.bias"}
-    assert read_manifest(root, h, 12)["reasons"] == ["exit"]
+    m12 = read_manifest(root, h, 12)
+    assert m12["reasons"] == ["exit"]
+    assert m12["metrics"] == {"loss": losses[12]}  # the exit checkpoint keeps the last step's metrics
     for entry in m5["tensors"].values():  # tensor data lives in the shared content-addressed store
         assert (root / "objects" / entry["pack"][:2] / f"{entry['pack'][2:]}.safetensors").is_file()
 
