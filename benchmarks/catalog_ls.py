@@ -49,11 +49,11 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from weightslab import codec  # noqa: E402
-from weightslab.catalog import Catalog  # noqa: E402
-from weightslab.experiment import ExperimentRecord, Parent  # noqa: E402
-from weightslab.manager import CheckpointManager  # noqa: E402
-from weightslab.manifest import Manifest, TensorEntry  # noqa: E402
-from weightslab.store import Blob  # noqa: E402
+from weightslab.cli.catalog import Catalog  # noqa: E402
+from weightslab.storage.experiment import ExperimentRecord, Parent  # noqa: E402
+from weightslab.storage.manager import CheckpointManager  # noqa: E402
+from weightslab.storage.manifest import Manifest, TensorEntry  # noqa: E402
+from weightslab.storage.store import Blob  # noqa: E402
 
 TARGET_SECONDS = 1.0
 REASONS = ("config_change", "model_change", "fork")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import weightslab as wl
-from weightslab import system as _system
+from weightslab import process
 from weightslab.ledger import LEDGER
 
 
@@ -28,8 +28,8 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("WEIGHTSLAB_ROOT", str(tmp_path / "default-root"))
     before = set(threading.enumerate())
     yield
-    system = _system._SYSTEM
-    if system is not None and not system.closed:
+    system = process.running_system()
+    if system is not None:
         try:
             system._close(crashed=True)
         except wl.CheckpointSaveError:

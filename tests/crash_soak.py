@@ -54,7 +54,7 @@ def _run(root: Path, out: Path, args: list[str]) -> str:
 
 def _check_root(root: Path) -> tuple[int, int]:
     """(temporary files the dead writer left, checkpoints checked); raises if anything is wrong."""
-    from weightslab.manager import CheckpointManager
+    from weightslab.storage.manager import CheckpointManager
     leftovers = len(list(root.rglob(".tmp.*"))) if root.exists() else 0
     manager = CheckpointManager(root)  # opening a root sweeps what dead writers left
     remaining = list(root.rglob(".tmp.*")) if root.exists() else []

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from weightslab.layout import Layout
-from weightslab.manager import CheckpointManager
+from weightslab.storage.layout import Layout
+from weightslab.storage.manager import CheckpointManager
+from weightslab.tensors import load_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -129,7 +130,7 @@ def assert_root_consistent(root: Path) -> list[int]:
     steps = []
     for entry in manager.checkpoints():
         manifest = manager.read_manifest(entry)
-        manager.load_tensors(manifest)  # raises CorruptCheckpointError on any bad byte
+        load_tensors(manager, manifest)  # raises CorruptCheckpointError on any bad byte
         steps.append(entry.step)
     leftovers = [p for p in root.rglob(".tmp.*")]
     assert not leftovers, f"temporary files left: {leftovers}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from weightslab.atomic import TEMP_PREFIX, atomic_write, fsync_dir, make_dirs, sweep_temp_files, temp_path_for
+from weightslab.storage.atomic import TEMP_PREFIX, atomic_write, fsync_dir, make_dirs, sweep_temp_files, temp_path_for
 
 DAY = 24 * 3600
 
@@ -157,7 +157,7 @@ def test_atomic_write_into_missing_directory_raises_file_not_found(tmp_path):
 
 
 def test_atomic_path_commits_what_the_block_wrote_and_nothing_if_it_raises(tmp_path):
-    from weightslab.atomic import atomic_path
+    from weightslab.storage.atomic import atomic_path
     path = tmp_path / "f"
     path.write_bytes(b"old")
     with pytest.raises(RuntimeError):

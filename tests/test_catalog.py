@@ -18,9 +18,9 @@ from torch import nn
 
 import weightslab as wl
 from weightslab import codec
-from weightslab import catalog as catalog_module
-from weightslab.catalog import SCHEMA_VERSION, Catalog, CheckpointRow
-from weightslab.manager import CheckpointManager
+from weightslab.cli import catalog as catalog_module
+from weightslab.cli.catalog import SCHEMA_VERSION, Catalog, CheckpointRow
+from weightslab.storage.manager import CheckpointManager
 
 
 # --- roots made by training --------------------------------------------------------------------------
@@ -104,18 +104,17 @@ def referenced(root: Path) -> dict[str, tuple[int, set[str]]]:
     return out
 
 
+class Reads(list):
+    """The paths of the manifests a catalog reads, in order: pass ``read_manifest=reads.read``."""
+
+    def read(self, path, *args):
+        self.append(str(path))
+        return catalog_module._read_manifest(path, *args)
+
+
 @pytest.fixture
-def counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The paths of the manifests the catalog reads, in order."""
-    reads: list[str] = []
-    real = catalog_module._read_manifest
-
-    def read(path, *args):
-        reads.append(str(path))
-        return real(path, *args)
-
-    monkeypatch.setattr(catalog_module, "_read_manifest", read)
-    return reads
+def counting() -> Reads:
+    return Reads()
 
 
 # --- rows ------------------------------------------------------------------------------------------------
@@ -171,7 +170,7 @@ def test_bytes_alone_counts_only_blobs_no_other_experiment_needs(root: Path) -> 
 # --- keeping up to date ---------------------------------------------------------------------------------
 def test_refresh_reads_only_new_manifests_and_drops_deleted_ones(root: Path, counting: list[str]) -> None:
     a = train(root, steps=4)
-    with Catalog(CheckpointManager(root)) as catalog:
+    with Catalog(CheckpointManager(root), read_manifest=counting.read) as catalog:
         assert [r.ref for r in catalog.checkpoints()] == [f"{a}@2", f"{a}@4"]
         assert len(counting) == 2
         catalog.experiments()
@@ -190,7 +189,7 @@ def test_refresh_reads_only_new_manifests_and_drops_deleted_ones(root: Path, cou
         assert rows[a].best == {"loss": 0.25, "acc": 4.0}  # step 2 (acc 2) is gone
         assert as_tuples(catalog.checkpoints()) == expected_checkpoints(root)
     # another Catalog on the same file finds it up to date
-    with Catalog(CheckpointManager(root)) as again:
+    with Catalog(CheckpointManager(root), read_manifest=counting.read) as again:
         assert [r.ref for r in again.checkpoints()] == [f"{a}@4", f"{b}@2"]
     assert len(counting) == 3
 
@@ -207,11 +206,11 @@ def test_names_are_refreshed_every_time(root: Path) -> None:
 
 def test_a_copied_root_lists_its_own_files(root: Path, tmp_path: Path, counting: list[str]) -> None:
     lineage_root(root)
-    with Catalog(CheckpointManager(root)) as catalog:
+    with Catalog(CheckpointManager(root), read_manifest=counting.read) as catalog:
         catalog.experiments()
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)  # (copy2: file times kept, so the index is still valid)
-    with Catalog(CheckpointManager(copy)) as catalog:
+    with Catalog(CheckpointManager(copy), read_manifest=counting.read) as catalog:
         rows = catalog.checkpoints()
     assert as_tuples(rows) == expected_checkpoints(copy)
     assert all(Path(r.path).is_relative_to(copy) for r in rows)
@@ -220,7 +219,7 @@ def test_a_copied_root_lists_its_own_files(root: Path, tmp_path: Path, counting:
 
 def test_reindex_rebuilds_everything_and_returns_the_count(root: Path, counting: list[str]) -> None:
     lineage_root(root)
-    with Catalog(CheckpointManager(root)) as catalog:
+    with Catalog(CheckpointManager(root), read_manifest=counting.read) as catalog:
         before = (catalog.experiments(), catalog.checkpoints())
         assert len(counting) == 5
         assert catalog.reindex() == 5
@@ -228,22 +227,19 @@ def test_reindex_rebuilds_everything_and_returns_the_count(root: Path, counting:
         assert (catalog.experiments(), catalog.checkpoints()) == before
 
 
-def test_concurrent_refresh_that_lost_the_race_writes_nothing_twice(root: Path, monkeypatch) -> None:
+def test_concurrent_refresh_that_lost_the_race_writes_nothing_twice(root: Path) -> None:
     a = train(root, steps=4)
     m = CheckpointManager(root)
-    first, second = Catalog(m), Catalog(m)
+    raced = []
+
+    def read(path, *args):
+        if not raced:  # while the first reads, the second indexes the same manifests and commits
+            raced.append(path)
+            second.refresh()
+        return catalog_module._read_manifest(path, *args)
+
+    first, second = Catalog(m, read_manifest=read), Catalog(m)
     try:
-        real = catalog_module._read_manifest
-        raced = []
-
-        def read(path, *args):
-            if not raced:  # while the first reads, the second indexes the same manifests and commits
-                raced.append(path)
-                monkeypatch.setattr(catalog_module, "_read_manifest", real)
-                second.refresh()
-            return real(path, *args)
-
-        monkeypatch.setattr(catalog_module, "_read_manifest", read)
         rows = first.checkpoints()
         assert raced and [r.ref for r in rows] == [f"{a}@2", f"{a}@4"]
         assert first._db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0] == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from weightslab.manager import CheckpointManager
+from weightslab.storage.manager import CheckpointManager
 
 from .support import REPO, run_cli, run_python
 

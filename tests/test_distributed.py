@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightslab.layout import Layout
-from weightslab.manager import CheckpointManager
+from weightslab.storage.layout import Layout
+from weightslab.storage.manager import CheckpointManager
 
 from .support import REPO, child_env
 

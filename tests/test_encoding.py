@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import weightslab.encoding as encoding_module
-from weightslab.encoding import ENCODINGS, decode, encode, zstandard_module
+import weightslab.storage.encoding as encoding_module
+from weightslab.storage.encoding import ENCODINGS, decode, encode, zstandard_module
 
 zstandard = pytest.importorskip("zstandard")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from weightslab.errors import CorruptCheckpointError, FormatVersionError
-from weightslab.experiment import ExperimentRecord, Parent, descendants
 from weightslab.fingerprint import ExperimentHashGenerator
-from weightslab.manifest import FORMAT_VERSION, READABLE_VERSIONS, Manifest, seal
+from weightslab.storage.experiment import ExperimentRecord, Parent, descendants
+from weightslab.storage.manifest import FORMAT_VERSION, READABLE_VERSIONS, Manifest, seal
 
 PARENT_HASH = "fedcba9876543210"
 

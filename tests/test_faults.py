@@ -1,6 +1,6 @@
 """Failures injected at each I/O step of a save: training goes on, nothing committed is damaged.
 
-A :class:`FaultyDisk` replaces the storage layer (``weightslab.atomic.DISK``) and fails the n-th
+A :class:`FaultyDisk` replaces the storage layer (``weightslab.storage.atomic.DISK``) and fails the n-th
 call of one operation (create, write, fsync, rename, directory fsync, mkdir) with a real errno.
 """
 
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import weightslab as wl
-from weightslab import atomic
-from weightslab.manager import CheckpointManager
+from weightslab.storage import atomic
+from weightslab.storage.manager import CheckpointManager
 
 
 class FaultyDisk(atomic.Disk):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from weightslab.layout import HASH_LENGTH, Layout, is_experiment_hash
+from weightslab.storage.layout import HASH_LENGTH, Layout, is_experiment_hash
 
 H = "0123456789abcdef"
 H2 = "fedcba9876543210"

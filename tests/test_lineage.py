@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import weightslab as wl
-from weightslab.manager import CheckpointManager
+from weightslab.storage.manager import CheckpointManager
 
 
 class Run:

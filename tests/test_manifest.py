@@ -10,12 +10,12 @@ import re
 import pytest
 import torch
 
-from weightslab.atomic import atomic_write
 from weightslab.codec import encode
 from weightslab.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, WeightslabError
-from weightslab.layout import Layout
-from weightslab.manifest import FORMAT_VERSION, KIND, READABLE_VERSIONS, Manifest, TensorEntry, canonical_json, seal, unseal
-from weightslab.store import Blob, BlobRef, BlobStore
+from weightslab.storage.atomic import atomic_write
+from weightslab.storage.layout import Layout
+from weightslab.storage.manifest import FORMAT_VERSION, KIND, READABLE_VERSIONS, Manifest, TensorEntry, canonical_json, seal, unseal
+from weightslab.storage.store import Blob, BlobRef, BlobStore
 
 H = "0123456789abcdef"
 

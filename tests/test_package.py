@@ -10,7 +10,7 @@ def test_import_is_lazy_and_every_public_name_and_submodule_resolves():
 import sys
 import weightslab as wl
 assert "torch" not in sys.modules, "import weightslab imported torch"
-import weightslab.cli, weightslab.catalog
+import weightslab.cli, weightslab.cli.catalog
 assert "torch" not in sys.modules, "the command line's listing path imported torch"
 assert wl.ConfigError.__module__ == "weightslab.errors"
 for name in wl.__all__:
@@ -27,14 +27,16 @@ print("ok")
     assert out.strip() == "ok"
 
 
-def test_the_first_registration_starts_the_system_even_through_the_ledger_module(tmp_path):
+def test_the_first_registration_starts_the_system_whichever_module_it_is_imported_from(tmp_path):
     out = run_python("""
 import torch
-from weightslab.ledger import register_model
+from weightslab.registration import register_model
+import weightslab.ledger
+assert not hasattr(weightslab.ledger, "register_model")  # one way to register: the one that starts the system
 register_model(torch.nn.Linear(2, 2))
-import weightslab.system as system
-assert system._SYSTEM is not None and not system._SYSTEM.closed
-system._SYSTEM.close()
+from weightslab.process import running_system
+assert running_system() is not None
+running_system().close()
 print("ok")
 """, env={"WEIGHTSLAB_ROOT": str(tmp_path / "root")}).stdout
     assert out.strip() == "ok"

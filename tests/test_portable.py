@@ -23,7 +23,7 @@ from torch import nn
 
 import weightslab as wl
 from weightslab.portable import export, load
-from weightslab.layout import Layout
+from weightslab.storage.layout import Layout
 
 from .support import DATA, manifests, read_manifest, run_python
 WHEN = dt.datetime(2024, 5, 17, 12, 30, 15, 250, tzinfo=dt.timezone.utc)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from weightslab.manager import CheckpointManager
+from weightslab.storage.manager import CheckpointManager
+from weightslab.tensors import load_tensors
 
 from .support import REPO, run_python
 
@@ -32,4 +33,4 @@ def test_quickstart_trains_changes_crashes_resumes_and_reports(tmp_path: Path) -
     steps = {h: [e.step for e in manager.checkpoints([h])] for h in records}
     assert steps == {roots[0]: [10], lr_child: [20, 30], arch_child: [35, 40, 50, 60]}
     for entry in manager.checkpoints():  # everything on disk verifies
-        manager.load_tensors(manager.read_manifest(entry))
+        load_tensors(manager, manager.read_manifest(entry))

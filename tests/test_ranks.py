@@ -1,12 +1,12 @@
-"""Which per-rank state each rank of a resumed job gets (weightslab.ranks, pure)."""
+"""Which per-rank state each rank of a resumed job gets (weightslab.distributed.ranks, pure)."""
 
 from __future__ import annotations
 
 import pytest
 
 from weightslab import codec
+from weightslab.distributed.ranks import attach, own, view
 from weightslab.errors import RankStateError
-from weightslab.ranks import attach, own, view
 
 
 def _tensor(key: str) -> dict:

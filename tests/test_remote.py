@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 import weightslab as wl
-from weightslab.remote import RemoteRoot
 
 from .support import assert_same, kill_when, run_cli, run_python, spawn, start_of, train
 
 fsspec = pytest.importorskip("fsspec")
+MemoryFileSystem = pytest.importorskip("fsspec.implementations.memory").MemoryFileSystem
 
 
 class Run:
@@ -93,19 +93,28 @@ def test_a_new_machine_resumes_exactly_from_the_remote_root(url, staging):
     again.close()
 
 
-def test_an_upload_that_stops_before_the_manifest_is_invisible_and_retried(url, staging, monkeypatch, caplog):
+class FlakyMemory(MemoryFileSystem):
+    """fsspec's memory filesystem (the same objects as memory://) under the protocol ``flakymem://``,
+    whose uploads of commit objects (manifests) fail while ``failing`` is set: a network that goes
+    away between a checkpoint's packs and its manifest."""
+
+    protocol = "flakymem"
+    failing = False
+
+    def put_file(self, lpath, rpath, *args, **kwargs):
+        if type(self).failing and "_step_" in rpath:
+            raise ConnectionError("the network went away")
+        return super().put_file(lpath, rpath, *args, **kwargs)
+
+
+def test_an_upload_that_stops_before_the_manifest_is_invisible_and_retried(staging, monkeypatch, caplog):
+    fsspec.register_implementation("flakymem", FlakyMemory, clobber=True)
+    url = f"flakymem://weightslab-test-{uuid.uuid4().hex}"
     staging("machine-a")
     run = Run(url)
     run.train(1, 2)
     run.system.wait()
-    put = RemoteRoot._put
-
-    def fail_on_manifests(self, local, remote):
-        if "_step_" in remote:
-            raise ConnectionError("the network went away")
-        return put(self, local, remote)
-
-    monkeypatch.setattr(RemoteRoot, "_put", fail_on_manifests)
+    monkeypatch.setattr(FlakyMemory, "failing", True)
     with caplog.at_level(logging.WARNING, logger="weightslab"):
         run.train(3, 4)
         with pytest.raises(wl.CheckpointSaveError, match="the network went away"):
@@ -114,7 +123,7 @@ def test_an_upload_that_stops_before_the_manifest_is_invisible_and_retried(url, 
     assert _remote_steps(url) == [2]  # the packs of step 4 went up, its commit object did not
     fs, base = fsspec.core.url_to_fs(url)
     assert len(fs.glob(f"{base}/objects/*/*.safetensors")) >= 2
-    monkeypatch.setattr(RemoteRoot, "_put", put)
+    monkeypatch.setattr(FlakyMemory, "failing", False)
     run.train(5, 6)  # the next push uploads the missing manifest too
     run.system.wait()
     assert _remote_steps(url) == [2, 4, 6]

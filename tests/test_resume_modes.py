@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import weightslab as wl
-from weightslab.layout import Layout
+from weightslab.storage.layout import Layout
 
 from .support import make_model
 

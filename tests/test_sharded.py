@@ -1,4 +1,4 @@
-"""weightslab.sharded: DTensors saved and loaded collectively through torch.distributed.checkpoint.
+"""weightslab.distributed.sharded: DTensors saved and loaded collectively through torch.distributed.checkpoint.
 
 One real 2-rank gloo job (tests/scripts/sharded_worker.py) runs every collective check, with
 pickle.load, pickle.loads and torch.load made to raise in both ranks; the tests below read what
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightslab import sharded
+from weightslab.distributed import sharded
 from weightslab.errors import (CheckpointSaveError, CorruptCheckpointError, FormatVersionError, StateError,
                                WeightslabError)
 

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import weightslab as wl
-from weightslab.layout import Layout
-from weightslab.manager import CheckpointManager
+from weightslab.storage.layout import Layout
+from weightslab.storage.manager import CheckpointManager
+from weightslab.tensors import load_tensors
 
 from .support import DATA, child_env, read_manifest
 
@@ -96,13 +97,13 @@ def test_unchanged_tensors_are_neither_copied_nor_hashed(root: Path) -> None:
     wl.register_model(model)
     wl.register_optimizer(opt)
     taken = []  # (copied keys, reused keys) of each snapshot, when it was taken
-    original_take = system._snapshotter.take
+    original_take = system._saver.snapshotter.take
 
     def spy(tensors):
         snap = original_take(tensors)
         taken.append((set(snap.copies), set(snap.reused)))
         return snap
-    system._snapshotter.take = spy
+    system._saver.snapshotter.take = spy
     for s in (1, 2):
         step(model, opt)
         wl.checkpoint_on_step(s)
@@ -132,7 +133,7 @@ def test_a_write_through_data_is_caught_by_the_sampled_bytes(root: Path, caplog)
     wl.checkpoint_on_step(2)
     system.wait()
     manager = CheckpointManager(root)
-    tensors = manager.load_tensors(manager.read_manifest(manager.checkpoints()[-1]))
+    tensors = load_tensors(manager, manager.read_manifest(manager.checkpoints()[-1]))
     assert torch.equal(tensors["models/main/0.weight"], model[0].weight.detach())
     system.close()
 
@@ -152,12 +153,12 @@ def test_a_sparse_write_behind_the_version_counter_is_caught_by_the_full_check(r
         system.wait()
     assert "changed without its version counter moving" in caplog.text
     manager = CheckpointManager(root)
-    latest = manager.load_tensors(manager.read_manifest(manager.checkpoints()[-1]))
+    latest = load_tensors(manager, manager.read_manifest(manager.checkpoints()[-1]))
     assert torch.equal(latest["models/main/weight"], emb.weight.detach())
     emb.weight.data[2].add_(1.0)
     wl.checkpoint_on_step(4)  # distrusted now: copied at every save
     system.wait()
-    latest = manager.load_tensors(manager.read_manifest(manager.checkpoints()[-1]))
+    latest = load_tensors(manager, manager.read_manifest(manager.checkpoints()[-1]))
     assert torch.equal(latest["models/main/weight"], emb.weight.detach())
     system.close()
 
@@ -342,7 +343,7 @@ def test_deltas_restore_bit_for_bit_across_reanchors(root: Path) -> None:
         manifest = manager.read_manifest(entry)
         depths.update(t.blob.depth for t in manifest.tensors.values())
         weight.append(manifest.tensors["models/main/0.weight"].blob)
-        tensors = manager.load_tensors(manifest)
+        tensors = load_tensors(manager, manifest)
         for key, value in model.state_dict().items():
             assert torch.equal(tensors[f"models/main/{key}"], states[entry.step][f"m/{key}"]), (entry.step, key)
     # deltas never chain (a restore decodes at most two blobs), and every 3 versions a new anchor

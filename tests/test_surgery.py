@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import weightslab as wl
-from weightslab.manager import CheckpointManager
+from weightslab.storage.manager import CheckpointManager
 from weightslab.surgery import CarryReport, carry_optimizer_state, parameter_names
 
 

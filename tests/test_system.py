@@ -14,9 +14,10 @@ import yaml
 from torch import nn
 
 import weightslab as wl
-from weightslab import system as _system
-from weightslab.layout import Layout
-from weightslab.manager import CheckpointManager
+from weightslab.process import running_system
+from weightslab.storage.layout import Layout
+from weightslab.storage.manager import CheckpointManager
+from weightslab.tensors import load_tensors
 
 from .support import make_model, manifests, read_manifest, run_python
 
@@ -84,7 +85,7 @@ def test_checkpoint_holds_the_weights_bit_for_bit(root: Path) -> None:
     system.wait()
     manager = CheckpointManager(root)
     manifest = manager.read_manifest(manager.checkpoints()[-1])
-    tensors = manager.load_tensors(manifest)
+    tensors = load_tensors(manager, manifest)
     for name, value in model.state_dict().items():
         assert torch.equal(tensors[f"models/main/{name}"], value)
     system.close()
@@ -458,7 +459,7 @@ def test_unserializable_value_put_into_live_config_is_reported_not_fatal(root: P
 # --- 3. the singleton --------------------------------------------------------------------------
 
 def test_first_registration_starts_the_system_under_the_default_root(root: Path) -> None:
-    assert _system._SYSTEM is None
+    assert running_system() is None
     wl.register_model(make_model())
     system = wl.get_checkpoint_system()
     assert system.root == root.absolute()
@@ -490,8 +491,7 @@ def test_the_write_up_names_work_unchanged() -> None:
 def test_close_is_idempotent_and_joins_the_writer(root: Path) -> None:
     system, model, opt, _ = setup_run(root, frequency=1)
     wl.checkpoint_on_step(1)
-    writer_thread = system._writer.thread
-    assert writer_thread is not None
+    writer_thread = next(t for t in threading.enumerate() if t.name == "weightslab-writer")
     system.close()
     system.close()
     assert not writer_thread.is_alive()

@@ -26,21 +26,21 @@ from .errors import (ArchitectureMismatchError, CheckpointNotFoundError, Checkpo
                      WeightslabError)
 
 # The rest is imported on first use: the command line (weightslab ls) reads a root without
-# importing torch, which costs more than a listing of 10,000 checkpoints. Any first use imports
-# the checkpoint system first, which listens to the ledger from then on.
+# importing torch, which costs more than a listing of 10,000 checkpoints. (The first registration
+# starts the checkpoint system: see weightslab.registration.)
 _LAZY = {
     "ExperimentHashGenerator": "fingerprint",
     **dict.fromkeys(("get_dataloader", "get_hyperparams", "get_model", "get_optimizer", "get_scaler",
                      "get_scheduler", "get_state", "list_registered", "register_dataloader", "register_hyperparams",
                      "register_model", "register_optimizer", "register_scaler", "register_scheduler",
-                     "register_state", "unregister"), "ledger"),
+                     "register_state", "unregister"), "registration"),
     "export": "portable", "load": "portable",
     **dict.fromkeys(("gc", "name_experiment", "prune", "verify"), "maintenance"),
-    "CheckpointManager": "manager", "VerifyReport": "manager",
+    "CheckpointManager": "storage.manager", "VerifyReport": "storage.manager",
     **dict.fromkeys(("KeepBest", "KeepChanges", "KeepEvery", "KeepLast", "Retention"), "retention"),
-    **dict.fromkeys(("AutomaticCheckpointSystem", "CheckpointConfig", "CheckpointInfo", "checkpoint_on_config_change",
-                     "checkpoint_on_model_change", "checkpoint_on_state_change", "checkpoint_on_step", "fork",
-                     "get_checkpoint_system"), "system"),
+    "AutomaticCheckpointSystem": "system", "CheckpointConfig": "config", "CheckpointInfo": "restorer",
+    **dict.fromkeys(("checkpoint_on_config_change", "checkpoint_on_model_change", "checkpoint_on_state_change",
+                     "checkpoint_on_step", "fork", "get_checkpoint_system"), "process"),
 }
 
 
@@ -55,7 +55,6 @@ def __getattr__(name: str) -> Any:
         if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
             raise AttributeError(f"module 'weightslab' has no attribute {name!r}")
         return importlib.import_module(f"{__name__}.{name}")
-    importlib.import_module(f"{__name__}.system")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
@@ -67,16 +66,18 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .fingerprint import ExperimentHashGenerator
-    from .ledger import (get_dataloader, get_hyperparams, get_model, get_optimizer, get_scaler, get_scheduler,
-                         get_state, list_registered, register_dataloader, register_hyperparams, register_model,
-                         register_optimizer, register_scaler, register_scheduler, register_state, unregister)
+    from .config import CheckpointConfig
+    from .process import (checkpoint_on_config_change, checkpoint_on_model_change, checkpoint_on_state_change,
+                          checkpoint_on_step, fork, get_checkpoint_system)
+    from .registration import (get_dataloader, get_hyperparams, get_model, get_optimizer, get_scaler, get_scheduler,
+                               get_state, list_registered, register_dataloader, register_hyperparams, register_model,
+                               register_optimizer, register_scaler, register_scheduler, register_state, unregister)
+    from .restorer import CheckpointInfo
     from .maintenance import gc, name_experiment, prune, verify
-    from .manager import CheckpointManager, VerifyReport
+    from .storage.manager import CheckpointManager, VerifyReport
     from .portable import export, load
     from .retention import KeepBest, KeepChanges, KeepEvery, KeepLast, Retention
-    from .system import (AutomaticCheckpointSystem, CheckpointConfig, CheckpointInfo, checkpoint_on_config_change,
-                         checkpoint_on_model_change, checkpoint_on_state_change, checkpoint_on_step, fork,
-                         get_checkpoint_system)
+    from .system import AutomaticCheckpointSystem
 
 __all__ = [
     "__version__",

@@ -18,11 +18,11 @@ from typing import Any, Mapping, MutableMapping
 import numpy as np
 import torch
 
+from .canonical import TAG
 from .errors import StateError
 
 __all__ = ["TAG", "encode", "decode"]
 
-TAG = "__wl__"
 _DATES = {"datetime": _dt.datetime, "date": _dt.date, "time": _dt.time}
 _SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 

@@ -30,12 +30,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .errors import HyperparamsError
-from .hyperparams import LiveConfig, Marks, parse_yaml, to_plain
+from .hyperparams import LiveConfig, Marks, at_path, parse_yaml, to_plain
 
-__all__ = ["ConfigFile", "Edit", "WATCH_MODES", "merge_edit"]
+__all__ = ["ConfigFile", "Edit", "WATCH_MODES", "fork_edits", "merge_edit"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,37 @@ class Edit:
     values: dict[str, Any]  # the new live values: a fresh object, ready to be swapped in
     changed: tuple[str, ...]  # "optimizer.lr: 0.1 -> 0.01", one per value that changed
     warnings: tuple[str, ...]  # coercions and deleted keys, each naming the key
+
+
+_ABSENT = object()
+
+
+def fork_edits(saved: Mapping[str, Any], registered: Iterable[str], overrides: Mapping[str, Any], *,
+               where: str) -> dict[str, Edit]:
+    """A fork's ``overrides`` (``optimizer__lr=0.01``: ``__`` separates nested keys) as edits of
+    the ``saved`` hyperparameters of checkpoint ``where``, by registration name. Each key must exist
+    in exactly one of the ``registered`` hyperparameters; raises before anything changes."""
+    registered = list(registered)
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        path = key.split("__")
+        owners = [n for n in registered if at_path(saved.get(n), path, _ABSENT) is not _ABSENT]
+        dotted = ".".join(path)
+        if len(owners) != 1:
+            known = {n: sorted(v) for n, v in saved.items() if isinstance(v, Mapping)}
+            problem = "no registered hyperparameters have" if not owners else f"{owners} all have"
+            raise HyperparamsError(f"wl.fork: {problem} the key {dotted!r} in checkpoint {where} (its keys: "
+                                   f"{known}); overrides change existing keys, nested ones written with '__' "
+                                   "(optimizer__lr=0.01)")
+        target = nested.setdefault(owners[0], {})
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    edits = {}
+    for name, after in nested.items():
+        to_plain(after, where=f"wl.fork overrides of {name!r}")
+        edits[name] = merge_edit(saved[name], {}, after, {}, where=f"wl.fork overrides of {name!r}")
+    return edits
 
 
 def _dotted(path: tuple[Any, ...]) -> str:

@@ -27,6 +27,8 @@ from typing import Any, Iterator, Mapping, Sized
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
+from .distributed.world import World
+
 __all__ = ["ResumableSampler", "DataProgress", "make_resumable", "undo_resumable", "progress", "loader_state",
            "restore_loader"]
 
@@ -48,10 +50,9 @@ class ResumableSampler(Sampler[int]):
                  world_size: int | None = None, drop_last: bool = False):
         self.size = data_source if isinstance(data_source, int) else len(data_source)
         if rank is None or world_size is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            world_size = world_size if world_size is not None else (
-                torch.distributed.get_world_size() if distributed else 1)
-            rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+            world = World.current()  # (None alone, or in a job of one rank)
+            world_size = world_size if world_size is not None else (world.size if world is not None else 1)
+            rank = rank if rank is not None else (world.rank if world is not None else 0)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         self.shuffle, self.seed, self.rank, self.world_size, self.drop_last = shuffle, int(seed), rank, world_size, drop_last

@@ -20,6 +20,7 @@ __all__ = [
     "InvalidStepError",
     "InvalidMetricsError",
     "StateError",
+    "NotARootError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "FormatVersionError",
@@ -67,6 +68,10 @@ class StateError(WeightslabError, TypeError):
 
 class CheckpointNotFoundError(WeightslabError, FileNotFoundError):
     """A checkpoint reference that resolves to nothing."""
+
+
+class NotARootError(CheckpointNotFoundError):
+    """A path or URL where no weightslab root is (no checkpoints/ or objects/ directory)."""
 
 
 class CorruptCheckpointError(WeightslabError, ValueError):

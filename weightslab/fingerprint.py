@@ -29,8 +29,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from .canonical import canonical_json
 from .hyperparams import to_plain
-from .manifest import canonical_json
 
 __all__ = [
     "DEFAULT_EXCLUDED_KEYS",

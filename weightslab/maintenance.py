@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
-from . import garbage
-from .garbage import GcReport
-from .manager import VerifyReport
-from .retention import Retention, RetentionPlan
 from .errors import ConfigError
-from .remote import is_remote
-from .system import manager_for, running_system
+from .process import manager_for, running_system
+from .retention import Retention, RetentionPlan
+from .storage import garbage
+from .storage.garbage import GcReport
+from .storage.manager import VerifyReport
+from .storage.remote import is_remote
 
 __all__ = ["verify", "prune", "gc", "name_experiment"]
 
@@ -30,7 +30,7 @@ def verify(ref: str | os.PathLike[str] | None = None, *, root: str | os.PathLike
            progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Check the digests of every blob of one checkpoint (``ref``) or of every checkpoint.
 
-    Returns a :class:`~weightslab.manager.VerifyReport`; ``report.ok`` is False and
+    Returns a :class:`~weightslab.storage.manager.VerifyReport`; ``report.ok`` is False and
     ``report.damaged`` names each bad checkpoint and file when something does not verify.
     """
     return manager_for(root).verify(ref, progress=progress)
@@ -50,16 +50,12 @@ def prune(*, keep_last: int | None = None, keep_every: int | None = None, keep_b
                                  metric=metric, mode=mode, keep_changes=keep_changes)
     elif any(v is not None for v in (keep_last, keep_every, keep_best, metric)) or keep_changes:
         raise ValueError("pass either retention= or the keep_* arguments, not both")
-    manager = manager_for(root)
-    if manager.remote is not None and not dry_run:  # a remote root: its commit objects go first
-        for record in manager.apply_retention(retention, experiments=experiments, dry_run=True).delete:
-            manager.remote.delete(record.experiment, record.step)
-    return manager.apply_retention(retention, experiments=experiments, dry_run=dry_run)
+    return manager_for(root).apply_retention(retention, experiments=experiments, dry_run=dry_run)
 
 
 def gc(*, root: str | os.PathLike[str] | None = None, grace_seconds: float = 300.0, repack_below: float = 0.5,
        dry_run: bool = False) -> GcReport:
-    """Reclaim the blobs no committed checkpoint references (see :mod:`weightslab.garbage`).
+    """Reclaim the blobs no committed checkpoint references (see :mod:`weightslab.storage.garbage`).
 
     Safe while other processes save into the same root. Packs younger than ``grace_seconds``
     are left alone; packs less than ``repack_below`` live are rewritten with their live blobs.
@@ -68,7 +64,7 @@ def gc(*, root: str | os.PathLike[str] | None = None, grace_seconds: float = 300
     """
     manager = manager_for(root)
     if is_remote(root):  # the bucket: its packs no remote manifest references (never rewritten)
-        return manager.remote.collect(grace_seconds=grace_seconds, dry_run=dry_run)
+        return garbage.collect_remote(manager.remote, grace_seconds=grace_seconds, dry_run=dry_run)
     return garbage.collect(manager, grace_seconds=grace_seconds, repack_below=repack_below, dry_run=dry_run)
 
 

@@ -27,12 +27,14 @@ import torch
 
 from . import codec
 from ._version import __version__
-from .atomic import atomic_path, make_dirs
+from .distributed.world import World
 from .errors import CheckpointNotFoundError, ConfigError
-from .layout import is_experiment_hash
-from .manager import CheckpointManager
+from .process import manager_for
 from .refs import parse_ref
-from .system import manager_for
+from .storage.atomic import atomic_path, make_dirs
+from .storage.layout import is_experiment_hash
+from .storage.manager import CheckpointManager
+from .tensors import load_tensors, tensor_meta
 
 __all__ = ["export", "load"]
 
@@ -101,7 +103,7 @@ def load(ref: str | os.PathLike[str] = "latest", *, root: str | os.PathLike[str]
     # The first candidate, and no fallback: a damaged checkpoint is reported, never silently
     # replaced by an older one in a file the user will take for the newest.
     manifest = manager.read_manifest(entries[0])
-    tensors = manager.load_tensors(manifest)
+    tensors = load_tensors(manager, manifest)
     tensors.update(_whole_shards(manager, manifest))
     state = manifest.state
 
@@ -134,15 +136,14 @@ def _whole_shards(manager: CheckpointManager, manifest: Any) -> dict[str, torch.
     shards = manager.shards(manifest)
     if shards is None:
         return {}
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if World.current() is not None:
         raise ConfigError(f"checkpoint {manifest.ref} holds sharded tensors, which wl.load and wl.export read whole "
                           "in one process; call them outside the torch.distributed job (or use `weightslab export`), "
                           "or resume the checkpoint in the job with system.resume()")
-    from .sharded import load as load_shards
+    from .distributed.sharded import load as load_shards
 
     sharded = manifest.state["sharded"]["tensors"]
-    targets = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in manager.tensor_meta(manifest).items()
+    targets = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in tensor_meta(manifest).items()
                if key in sharded}
     load_shards(targets, *shards)
     return targets

@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["PreemptionGuard", "signal_numbers"]
 
@@ -36,6 +36,14 @@ def signal_numbers(names: Sequence[str]) -> list[int]:
             raise ValueError(f"unknown signal {name!r}; use names such as 'SIGTERM' or 'SIGINT'")
         numbers.append(int(number))
     return numbers
+
+
+def signal_name(number: int | None) -> str:
+    """``"SIGTERM"`` for 15; ``"signal"`` for None; ``"signal 99"`` for a number with no name."""
+    try:
+        return signal.Signals(number).name if number is not None else "signal"
+    except ValueError:
+        return f"signal {number}"
 
 
 class PreemptionGuard:
@@ -122,6 +130,16 @@ class PreemptionGuard:
         with self._lock:
             if self._pending is None:
                 self._pending, self._frame, self._adopted = number, None, True
+
+    def stop(self, *, durable: Callable[[], None], before: Callable[[], None]) -> None:
+        """Once ``durable()`` returns (the final checkpoint is on disk), and ``before()`` ran (the
+        other ranks of a job are told), stop as the process would have without weightslab."""
+        try:
+            durable()
+        finally:
+            before()
+            log.warning("final checkpoint after %s is durable; stopping", signal_name(self._pending))
+            self.deliver()
 
     def deliver(self) -> None:
         """Handle the pending signal as the process would have without weightslab (main thread).

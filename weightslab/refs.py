@@ -10,7 +10,10 @@
                                 name (``wl.fork``, ``wl.name_experiment``); a bare word is a path
 a path                          a manifest file, or an experiment directory (its newest checkpoint)
 
-Parsing is pure; :class:`~weightslab.manager.CheckpointManager` resolves a ref against a root.
+Parsing reads no checkpoint: :class:`~weightslab.storage.manager.CheckpointManager` resolves a ref against a
+root. It asks the filesystem one question only, whether a file of that name exists (relative to the
+working directory): a person who names an existing file means that file, even when its name reads as
+a ref (``abcd``, ``run@3``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from then on.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -27,42 +26,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
-if TYPE_CHECKING:
-    from .store import BlobRef
+from .tensors import blob_of, dtype_tag
 
-__all__ = ["DTYPE_TAGS", "dtype_tag", "tag_dtype", "take", "copies_done", "raw_bytes", "empty_like_entry",
-           "BufferPool", "Snapshot", "Snapshotter", "Signal", "Slot"]
+if TYPE_CHECKING:
+    from .storage.store import Blob, BlobRef
+
+__all__ = ["take", "copies_done", "BufferPool", "Snapshot", "Snapshotter", "Signal", "Slot"]
 
 log = logging.getLogger(__name__)
-
-if sys.byteorder != "little":  # safetensors and our packs are little-endian
-    raise ImportError("weightslab stores tensors little-endian and does not support big-endian machines")
-
-#: safetensors dtype names.
-DTYPE_TAGS: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64",
-    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-_TAG_DTYPES = {tag: dtype for dtype, tag in DTYPE_TAGS.items()}
-
-
-def dtype_tag(dtype: torch.dtype, *, key: str = "") -> str:
-    try:
-        return DTYPE_TAGS[dtype]
-    except KeyError:
-        raise TypeError(f"tensor {key!r} has dtype {dtype}, which the safetensors format cannot hold; "
-                        f"convert it (supported: {', '.join(str(d) for d in DTYPE_TAGS)})") from None
-
-
-def tag_dtype(tag: str) -> torch.dtype:
-    try:
-        return _TAG_DTYPES[tag]
-    except KeyError:
-        raise ValueError(f"unknown tensor dtype {tag!r} in a checkpoint") from None
-
 
 class BufferPool:
     """Host buffers reused from one snapshot to the next.
@@ -134,18 +105,6 @@ def copies_done(tensors: Mapping[str, torch.Tensor]) -> Any:
     return None
 
 
-def raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without copying."""
-    if not tensor.is_contiguous() or tensor.device.type != "cpu":
-        raise ValueError("raw_bytes needs a contiguous CPU tensor")
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
-def empty_like_entry(dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A CPU tensor to read a stored blob into."""
-    return torch.empty(shape, dtype=tag_dtype(dtype))
-
-
 _SAMPLE = 16  # elements compared per reused tensor
 
 
@@ -209,6 +168,16 @@ class Snapshot:
     def wait_ready(self) -> None:
         if self.ready is not None:
             self.ready.synchronize()
+
+    def blobs(self) -> dict[str, "Blob"]:
+        """The copies as the store takes them (their bytes, not copied again); GPU copies are
+        waited for first. Called by the writer, off the training thread."""
+        self.wait_ready()
+        return {key: blob_of(key, tensor) for key, tensor in self.copies.items()}
+
+    def entries(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Every key of the checkpoint: its dtype name and shape."""
+        return {key: (dtype_tag(dtype, key=key), shape) for key, (dtype, shape) in self.meta.items()}
 
     @property
     def copied_bytes(self) -> int:

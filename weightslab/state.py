@@ -15,17 +15,19 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from . import codec, data, rng
 from . import hyperparams as _hp
+from .canonical import canonical_json
 from .errors import ArchitectureMismatchError, StateError
-from .ledger import Ledger
-from .manifest import canonical_json
 
-__all__ = ["Captured", "capture", "capture_early", "capture_own", "capture_replicated", "restore", "check_compatible", "RestoreReport"]
+__all__ = ["Captured", "capture", "capture_early", "capture_own", "capture_replicated", "live_tensors", "restore", "check_compatible", "RestoreReport"]
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +93,7 @@ def capture_replicated(ledger: Ledger, *, step: int) -> Captured:
     def enc(value: Any, path: str, what: str) -> Any:
         return codec.encode(value, path=path, tensors=tensors, what=what)
 
-    tree["models"] = {}
-    for name, model in ledger.objects("model").items():
-        what = f"model {name!r}"
-        tree["models"][name] = {
-            # keep_vars: the live parameters and buffers themselves, whose identity and version
-            # counters tell the snapshotter which ones changed since the last save.
-            "state_dict": enc(dict(model.state_dict(keep_vars=True)), f"models/{name}", what),
-            "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
-            "eval": [n for n, m in model.named_modules() if not m.training],
-        }
+    tree["models"] = {name: _model_tree(name, model, tensors) for name, model in ledger.objects("model").items()}
     for section, kind in (("optimizers", "optimizer"), ("schedulers", "scheduler"), ("scalers", "scaler")):
         tree[section] = {name: enc(obj.state_dict(), f"{section}/{name}", f"{kind} {name!r}")
                          for name, obj in ledger.objects(kind).items()}
@@ -111,9 +104,31 @@ def capture_replicated(ledger: Ledger, *, step: int) -> Captured:
     return Captured(tree=tree, tensors=tensors)
 
 
+def _model_tree(name: str, model: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {
+        # keep_vars: the live parameters and buffers themselves, whose identity and version
+        # counters tell the snapshotter which ones changed since the last save.
+        "state_dict": codec.encode(dict(model.state_dict(keep_vars=True)), path=f"models/{name}", tensors=tensors,
+                                   what=f"model {name!r}"),
+        "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+        "eval": [n for n, m in model.named_modules() if not m.training],
+    }
+
+
+def live_tensors(ledger: Ledger) -> dict[str, torch.Tensor]:
+    """The live tensors of the registered models and optimizers, keyed as :func:`capture` keys them
+    (what a resume just loaded into them)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, model in ledger.objects("model").items():
+        _model_tree(name, model, tensors)
+    for name, opt in ledger.objects("optimizer").items():
+        codec.encode(opt.state_dict(), path=f"optimizers/{name}", tensors=tensors, what=f"optimizer {name!r}")
+    return tensors
+
+
 def capture_own(ledger: Ledger, *, early: Mapping[str, Any] | None = None, prefix: str = "") -> Captured:
     """The sections of the state that each rank of a distributed job holds for itself (see
-    :mod:`weightslab.ranks`): loader positions, custom state, random generators. Tensor keys start
+    :mod:`weightslab.distributed.ranks`): loader positions, custom state, random generators. Tensor keys start
     with ``prefix`` (``"ranks/1/"``), so that every rank's tensors fit in one table."""
     early = early if early is not None else capture_early(ledger)
     tensors: dict[str, torch.Tensor] = {}

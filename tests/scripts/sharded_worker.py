@@ -1,4 +1,4 @@
-"""One rank of a gloo job that exercises weightslab.sharded, for tests/test_sharded.py.
+"""One rank of a gloo job that exercises weightslab.distributed.sharded, for tests/test_sharded.py.
 
     python sharded_worker.py RANK WORLD INIT_FILE WORKDIR
 
@@ -36,7 +36,7 @@ from torch import nn  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor  # noqa: E402
 
-from weightslab import sharded  # noqa: E402
+from weightslab.distributed import sharded  # noqa: E402
 from weightslab.errors import ArchitectureMismatchError, CheckpointSaveError, CorruptCheckpointError  # noqa: E402
 
 rank, world, init_file, work = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])

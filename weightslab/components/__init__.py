@@ -5,9 +5,10 @@ these are the same objects as at ``weightslab`` top level.
 """
 
 from ..fingerprint import ExperimentHashGenerator
-from ..manager import CheckpointManager
-from ..system import (AutomaticCheckpointSystem, checkpoint_on_config_change, checkpoint_on_model_change,
-                      checkpoint_on_state_change, checkpoint_on_step, get_checkpoint_system)
+from ..process import (checkpoint_on_config_change, checkpoint_on_model_change, checkpoint_on_state_change,
+                       checkpoint_on_step, get_checkpoint_system)
+from ..storage.manager import CheckpointManager
+from ..system import AutomaticCheckpointSystem
 
 __all__ = [
     "get_checkpoint_system",

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 from . import encoding as _encoding
+from ..errors import CorruptCheckpointError
 from .atomic import atomic_write, fsync_dir, make_dirs, remove
-from .errors import CorruptCheckpointError
 from .layout import PACK_SUFFIX, Layout
 
 try:  # POSIX advisory locks; elsewhere garbage collection relies on its grace period alone
@@ -155,18 +155,11 @@ class _Stored:
 
 def _fast_checksum() -> Callable[[BytesLike], str] | None:
     """XXH3-128 of raw bytes, if the optional xxhash package is installed."""
-    global _FAST
-    if _FAST is False:
-        try:
-            import xxhash
-        except ImportError:
-            _FAST = None
-        else:
-            _FAST = lambda data: "xxh3-128:" + xxhash.xxh3_128(data).hexdigest()  # noqa: E731
-    return _FAST
-
-
-_FAST: Any = False  # not looked up yet
+    try:
+        import xxhash
+    except ImportError:
+        return None
+    return lambda data: "xxh3-128:" + xxhash.xxh3_128(data).hexdigest()
 
 
 def _digest(data: BytesLike, algorithm: str = DIGEST_ALGORITHM) -> str:
@@ -332,6 +325,8 @@ class BlobStore:
         self.compression = compression
         self.level = level
         self.index = BlobIndex(layout)
+        # XXH3 checks of what is stored, verified by normal reads; SHA-256 only without xxhash
+        self._fast = _fast_checksum()
 
     # --- locking ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -373,7 +368,7 @@ class BlobStore:
         return [refs[d] for d in digests]
 
     def _encode(self, digest: str, blob: Blob, view: memoryview) -> _Stored:
-        fast = _fast_checksum()
+        fast = self._fast
         check = fast(view) if fast is not None else None
 
         def stored(data: BytesLike, encoding: str, base: BlobRef | None = None) -> _Stored:
@@ -546,7 +541,7 @@ class BlobStore:
 
     def _check(self, ref: BlobRef, out: memoryview, path: Path, base_ref: "BlobRef | None",
                files: "_PackFiles", strong: bool) -> None:
-        fast = _fast_checksum() if ref.check and not strong else None
+        fast = self._fast if ref.check and not strong else None
         if fast is not None and ref.check.startswith("xxh3-128:"):
             if fast(out) == ref.check:
                 return

@@ -52,9 +52,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import hashlib
 import os
-import re
 import sys
 import threading
 import types
@@ -66,29 +64,13 @@ from typing import Any, Iterator, Mapping, NamedTuple
 
 import torch
 
-from .atomic import fsync_dir, make_dirs
-from .errors import (ArchitectureMismatchError, CheckpointSaveError, ConfigError, CorruptCheckpointError,
-                     FormatVersionError, StateError, WeightslabError)
-from .store import DIGEST_ALGORITHM
+from ..errors import (ArchitectureMismatchError, CheckpointSaveError, ConfigError, CorruptCheckpointError,
+                     StateError, WeightslabError)
+from ..storage.atomic import fsync_dir, make_dirs
+from ..storage.shardfiles import (MISSING, SUFFIX, WRONG_SIZE, LAYOUT, OK,
+                         PROBLEMS, ShardedFiles, check_file, file_digest, verify)
 
 __all__ = ["LAYOUT", "SaveHandle", "ShardedFiles", "async_save", "is_sharded", "load", "save", "verify"]
-
-#: Names the on-disk arrangement :class:`ShardedFiles` describes; a reader refuses another.
-LAYOUT = "torch.distributed.checkpoint+safetensors/1"
-_SUFFIX = ".safetensors"
-_DIGEST = re.compile(rf"{DIGEST_ALGORITHM}:[0-9a-f]{{64}}")
-_READ_CHUNK = 8 << 20
-
-# What the rank that checked a file found (the other ranks report _OK for it, so the element-wise
-# maximum the ranks agree on is that rank's finding).
-_OK, _MISSING, _UNREADABLE, _WRONG_SIZE, _WRONG_DIGEST = range(5)
-_PROBLEMS = {
-    _MISSING: "is missing",
-    _UNREADABLE: "cannot be read",
-    _WRONG_SIZE: "does not have the size recorded at save",
-    _WRONG_DIGEST: f"does not match the {DIGEST_ALGORITHM} digest recorded at save",
-}
-
 
 def is_sharded(value: object) -> bool:
     """Whether ``value`` is a tensor that lives in pieces on several ranks (a ``DTensor``, or a
@@ -102,62 +84,6 @@ def is_sharded(value: object) -> bool:
         if module is not None and isinstance(value, getattr(module, class_name)):
             return True
     return False
-
-
-@dataclass(frozen=True)
-class ShardedFiles:
-    """The files of one sharded save, as a manifest records them.
-
-    ``files`` maps each file's name (relative to the save's directory) to its size in bytes and
-    its digest (``"sha256:<hex>"``); ``world_size`` is the number of ranks that saved (for
-    information: loading reshards to any world size). A name that could reach outside the
-    directory, or a malformed size or digest, raises ``CorruptCheckpointError``: a record comes
-    from a manifest, and a damaged one must not steer a reader to other files.
-    """
-
-    files: Mapping[str, tuple[int, str]]
-    world_size: int
-
-    def __post_init__(self) -> None:
-        files: dict[str, tuple[int, str]] = {}
-        for name, entry in dict(self.files).items():
-            if not _is_plain_name(name):
-                raise CorruptCheckpointError(f"sharded file name {name!r}: expected a plain '*{_SUFFIX}' name "
-                                             "inside the checkpoint's directory")
-            size, digest = entry
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise CorruptCheckpointError(f"sharded file {name}: size {size!r} is not a non-negative integer")
-            if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-                raise CorruptCheckpointError(f"sharded file {name}: digest {digest!r} is not "
-                                             f"'{DIGEST_ALGORITHM}:<64 hex digits>'")
-            files[name] = (size, digest)
-        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
-            raise CorruptCheckpointError(f"world_size {self.world_size!r} is not a positive integer")
-        object.__setattr__(self, "files", types.MappingProxyType(dict(sorted(files.items()))))
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes of all files together."""
-        return sum(size for size, _ in self.files.values())
-
-    def to_json(self) -> dict[str, Any]:
-        return {"layout": LAYOUT, "world_size": self.world_size,
-                "files": {name: {"size": size, "digest": digest} for name, (size, digest) in self.files.items()}}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ShardedFiles":
-        """Read what :meth:`to_json` wrote; a malformed record raises ``CorruptCheckpointError``
-        (it came from a damaged or hand-edited manifest)."""
-        layout = data.get("layout") if isinstance(data, Mapping) else None
-        if layout != LAYOUT:
-            raise FormatVersionError(f"sharded files in layout {layout!r}; this weightslab reads {LAYOUT!r}. "
-                                     "Upgrade weightslab to load this checkpoint")
-        try:
-            files = {name: (entry["size"], entry["digest"]) for name, entry in data["files"].items()}
-            return cls(files=files, world_size=data["world_size"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CorruptCheckpointError(f"the manifest's record of sharded files is malformed ({exc}); the "
-                                         "manifest is damaged: load an earlier checkpoint") from None
 
 
 def save(tensors: Mapping[str, torch.Tensor], directory: Path | str, *, group: Any = None) -> ShardedFiles:
@@ -254,19 +180,19 @@ def load(targets: Mapping[str, torch.Tensor], directory: Path | str, files: Shar
     ranks = _Ranks.of(group)
     _wait_for_background_save(ranks.key)
     names = list(files.files)
-    codes = [_OK] * len(names)
+    codes = [OK] * len(names)
     for i in range(ranks.rank, len(names), ranks.size):
         if verified:  # (a file changed since the caller's check still fails DCP's header and size checks)
             size = files.files[names[i]][0]
             present = (directory / names[i]).is_file()
-            codes[i] = _MISSING if not present else (_OK if (directory / names[i]).stat().st_size == size
-                                                      else _WRONG_SIZE)
+            codes[i] = MISSING if not present else (OK if (directory / names[i]).stat().st_size == size
+                                                      else WRONG_SIZE)
         else:
-            codes[i], _ = _check_file(directory / names[i], *files.files[names[i]])
+            codes[i], _ = check_file(directory / names[i], *files.files[names[i]])
     codes = ranks.agree(codes)
-    damaged = [(name, code) for name, code in zip(names, codes) if code != _OK]
+    damaged = [(name, code) for name, code in zip(names, codes) if code != OK]
     if damaged:
-        listing = "; ".join(f"{name} {_PROBLEMS[code]}" for name, code in damaged)
+        listing = "; ".join(f"{name} {PROBLEMS[code]}" for name, code in damaged)
         raise CorruptCheckpointError(f"sharded checkpoint {directory} is damaged: {listing}. Nothing was loaded; "
                                      "load an earlier checkpoint", path=directory / damaged[0][0])
 
@@ -294,18 +220,6 @@ def load(targets: Mapping[str, torch.Tensor], directory: Path | str, files: Shar
         raise _load_error(exc, directory) from exc
 
 
-def verify(directory: Path | str, files: ShardedFiles) -> list[str]:
-    """Check every file of a sharded save against its record, in this process alone (no process
-    group needed, as for ``weightslab verify``): one line per problem, empty if all is well."""
-    directory = Path(directory)
-    problems = []
-    for name, (size, digest) in files.files.items():
-        code, detail = _check_file(directory / name, size, digest)
-        if code != _OK:
-            problems.append(f"{directory / name}: {detail}")
-    return problems
-
-
 # --- internals -------------------------------------------------------------------------------
 
 
@@ -316,11 +230,6 @@ class _StoredFile(NamedTuple):
     name: str
     size: int
     digest: str
-
-
-def _is_plain_name(name: object) -> bool:
-    return (isinstance(name, str) and name.endswith(_SUFFIX) and not name.startswith(".")
-            and "/" not in name and "\\" not in name and os.path.basename(name) == name)
 
 
 def _checked(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -398,37 +307,6 @@ def _single_process_warning_silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _file_digest(path: Path) -> tuple[int, str]:
-    """The size and digest of a file, read in chunks (a shard file may be as large as memory)."""
-    hasher = hashlib.new(DIGEST_ALGORITHM)
-    buffer = bytearray(_READ_CHUNK)
-    view = memoryview(buffer)
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            hasher.update(view[:n])  # hashlib releases the GIL on large buffers
-            size += n
-    return size, f"{DIGEST_ALGORITHM}:{hasher.hexdigest()}"
-
-
-def _check_file(path: Path, size: int, digest: str) -> tuple[int, str]:
-    """``(_OK, "")`` or a problem code with a line saying what is wrong."""
-    try:
-        actual_size = path.stat().st_size
-        if actual_size != size:
-            return _WRONG_SIZE, f"{actual_size} bytes, {size} recorded at save"
-        actual_size, actual = _file_digest(path)
-    except FileNotFoundError:
-        return _MISSING, "missing"
-    except OSError as exc:
-        return _UNREADABLE, f"cannot be read ({exc})"
-    if actual_size != size:
-        return _WRONG_SIZE, f"{actual_size} bytes, {size} recorded at save"
-    if actual != digest:
-        return _WRONG_DIGEST, f"content does not match its recorded digest ({actual}, {digest} recorded at save)"
-    return _OK, ""
 
 
 def _compare(state: Mapping[str, torch.Tensor], metadata: Any) -> tuple[list[str], list[str]]:
@@ -573,7 +451,7 @@ def _engine() -> types.SimpleNamespace:
                 raise StateError(f"{byte_items}: not tensors; sharded saves take tensors only (keep other values "
                                  "in the manifest as JSON)")
             make_dirs(self._directory)
-            existing = sorted(n for n in os.listdir(self._directory) if n.endswith(_SUFFIX))
+            existing = sorted(n for n in os.listdir(self._directory) if n.endswith(SUFFIX))
             if existing:
                 raise FileExistsError(f"{self._directory} already holds {existing}: a sharded save needs a fresh "
                                       "directory, or its files would mix with an earlier save's")
@@ -586,7 +464,7 @@ def _engine() -> types.SimpleNamespace:
             stored = {}
             for name in sorted({r.storage_data.relative_path for r in results}):
                 # Hash what reached the file (from the page cache, right after writing it).
-                size, digest = _file_digest(self._directory / name)
+                size, digest = file_digest(self._directory / name)
                 stored[name] = _StoredFile(name, size, digest)
             if stored:
                 fsync_dir(self._directory)

@@ -19,10 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
+from .layout import PACK_SUFFIX
 from .manager import CheckpointManager
+from .manifest import Manifest
+from .remote import RemoteRoot, modified
 
-__all__ = ["GcReport", "collect"]
+__all__ = ["GcReport", "collect", "collect_remote"]
 
 log = logging.getLogger(__name__)
 
@@ -119,4 +122,71 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
     report = GcReport(packs_deleted=deleted, packs_rewritten=rewritten, bytes_freed=freed, bytes_live=live_bytes,
                       bytes_dead_kept=dead_kept, live_blobs=live_count, dry_run=dry_run, shard_sets_deleted=shard_sets)
     log.info("garbage collection under %s: %s", manager.root, report)
+    return report
+
+
+def collect_remote(remote: RemoteRoot, *, grace_seconds: float = 300.0, dry_run: bool = False) -> GcReport:
+    """Delete the packs of a remote root that no remote manifest references, and dead temporary objects.
+
+    Packs (and temporary objects) younger than ``grace_seconds`` are left alone: a trainer uploads a
+    checkpoint's packs before its manifest. A pack whose age the filesystem does not report is kept.
+    Remote packs are never rewritten: a pack with one live blob stays whole.
+    """
+    if grace_seconds < 0:
+        raise ValueError("grace_seconds must be >= 0")
+    fs, base = remote.fs, remote.base
+    live: set[str] = set()
+    digests: set[str] = set()
+    live_shards: set[str] = set()
+    for path in fs.glob(f"{base}/checkpoints/*/model/*_step_*.json"):
+        if path.rsplit("/", 1)[-1].startswith(".tmp."):
+            continue
+        try:
+            manifest = Manifest.from_bytes(fs.cat_file(path), path=path)
+        except CorruptCheckpointError as exc:
+            raise WeightslabError(f"garbage collection of {remote.url} stopped before deleting anything: {exc}. "
+                                  "Delete that manifest or restore it, then run gc again.") from exc
+        for tensor in manifest.tensors.values():
+            for blob in tensor.blob.chain():
+                live.add(blob.pack)
+                digests.add(blob.digest)
+        live_shards.update(remote.path_of(f) for f in remote.shard_files(manifest))
+    now = time.time()
+    deleted = freed = live_bytes = dead_kept = 0
+    objects = fs.glob(f"{base}/objects/*/*")
+    shard_files = [f for f in fs.glob(f"{base}/checkpoints/*/shards/*/*") if f not in live_shards]
+    shard_sets = set()
+    for path in shard_files:  # sharded saves whose manifest was deleted (or never uploaded)
+        info = fs.info(path)
+        written = modified(info)
+        if written is None or now - written < grace_seconds:
+            dead_kept += int(info.get("size") or 0)
+            continue
+        shard_sets.add(path.rsplit("/", 1)[0])
+        freed += int(info.get("size") or 0)
+        if not dry_run:
+            fs.rm(path)
+    for path in objects:
+        folder, name = path.rsplit("/", 2)[-2:]
+        temporary = name.startswith(".tmp.")
+        if not temporary and not name.endswith(PACK_SUFFIX):
+            continue
+        info = fs.info(path)
+        size = int(info.get("size") or 0)
+        pack = folder + name[: -len(PACK_SUFFIX)] if not temporary else None
+        if pack in live:
+            live_bytes += size
+            continue
+        written = modified(info)
+        if written is None or now - written < grace_seconds:
+            dead_kept += size
+            continue
+        deleted += 1
+        freed += size
+        if not dry_run:
+            fs.rm(path)
+    report = GcReport(packs_deleted=deleted, packs_rewritten=0, bytes_freed=freed, bytes_live=live_bytes,
+                      bytes_dead_kept=dead_kept, live_blobs=len(digests), dry_run=dry_run,
+                      shard_sets_deleted=len(shard_sets))
+    log.info("garbage collection of %s: %s", remote.url, report)
     return report

@@ -28,20 +28,16 @@ import datetime as _dt
 import hashlib
 import logging
 import os
-import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
+from ..errors import CorruptCheckpointError
 from .atomic import atomic_path, make_dirs
-from .errors import CorruptCheckpointError, WeightslabError
-from .layout import PACK_SUFFIX, Layout
+from .layout import Layout
 from .manifest import Manifest
 
-if TYPE_CHECKING:  # (garbage imports the manager, and torch with it: not on the listing path)
-    from .garbage import GcReport
-
-__all__ = ["RemoteRoot", "is_remote", "staging_dir"]
+__all__ = ["RemoteRoot", "is_remote", "staging_dir", "modified"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +56,7 @@ def staging_dir(url: str, *, view: bool = False) -> Path:
     return (base / name).expanduser().absolute()
 
 
-def _modified(info: Mapping[str, Any]) -> float | None:
+def modified(info: Mapping[str, Any]) -> float | None:
     """When an object was last written, in seconds since the epoch, from what its filesystem reports
     (local: ``mtime``; S3: ``LastModified``; GCS: ``updated``; memory: ``created``); None if unknown."""
     for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
@@ -95,7 +91,8 @@ class RemoteRoot:
         self.fs, path = _fsspec().core.url_to_fs(url)
         self.base = path.rstrip("/")
 
-    def _remote(self, local: Path) -> str:
+    def path_of(self, local: Path) -> str:
+        """The remote path of a file of the staging root."""
         return f"{self.base}/{local.relative_to(self.layout.root).as_posix()}"
 
     def _put(self, local: Path, remote: str) -> None:
@@ -114,34 +111,34 @@ class RemoteRoot:
             packs = {blob.pack for t in manifest.tensors.values() for blob in t.blob.chain()}
             for pack in sorted(packs):
                 local = self.layout.pack(pack)
-                remote = self._remote(local)
+                remote = self.path_of(local)
                 if not self.fs.exists(remote):  # content-addressed: an existing pack is the same bytes
                     self._put(local, remote)
                     sent += local.stat().st_size
-            for local in self._shard_files(manifest):  # a distributed job's sharded tensors
-                remote = self._remote(local)
+            for local in self.shard_files(manifest):  # a distributed job's sharded tensors
+                remote = self.path_of(local)
                 if not self.fs.exists(remote):  # (each save has its own directory: never rewritten)
                     self._put(local, remote)
                     sent += local.stat().st_size
             record = self.layout.experiment_record(h)
-            if not self.fs.exists(self._remote(record)):
+            if not self.fs.exists(self.path_of(record)):
                 for local in (self.layout.architecture_text(h), self.layout.hyperparams_yaml(h), record):
                     if local.exists():  # experiment.json last: it says the others are complete
-                        self._put(local, self._remote(local))
+                        self._put(local, self.path_of(local))
                         sent += local.stat().st_size
             local = self.layout.manifest(h, manifest.step)
-            self._put(local, self._remote(local))  # the commit object
+            self._put(local, self.path_of(local))  # the commit object
             sent += local.stat().st_size
         return sent
 
     def push_names(self) -> None:
         """Upload the names of the staging root (small files; a name may move, so always)."""
         for local in sorted(self.layout.names_dir.glob("*.json")):
-            self._put(local, self._remote(local))
+            self._put(local, self.path_of(local))
 
     def delete(self, experiment: str, step: int) -> None:
         """Remove one checkpoint remotely (its manifest; its packs stay until a gc of the remote root)."""
-        remote = self._remote(self.layout.manifest(experiment, step))
+        remote = self.path_of(self.layout.manifest(experiment, step))
         if self.fs.exists(remote):
             self.fs.rm(remote)
 
@@ -186,13 +183,13 @@ class RemoteRoot:
         """Fetch the packs ``manifest`` needs that the staging root lacks; return the bytes fetched."""
         fetched = 0
         packs = {blob.pack for t in manifest.tensors.values() for blob in t.blob.chain()}
-        for local in [self.layout.pack(pack) for pack in sorted(packs)] + self._shard_files(manifest):
+        for local in [self.layout.pack(pack) for pack in sorted(packs)] + self.shard_files(manifest):
             if not local.exists():
-                self._download(self._remote(local), local)
+                self._download(self.path_of(local), local)
                 fetched += local.stat().st_size
         return fetched
 
-    def _shard_files(self, manifest: Manifest) -> list[Path]:
+    def shard_files(self, manifest: Manifest) -> list[Path]:
         sharded = manifest.state.get("sharded")
         if sharded is None:
             return []
@@ -200,71 +197,3 @@ class RemoteRoot:
             return self.layout.shard_files(manifest.experiment, sharded)
         except ValueError as exc:
             raise CorruptCheckpointError(f"checkpoint {manifest.ref}: {exc}; its manifest is damaged") from None
-
-    # --- garbage collection -----------------------------------------------------------------
-    def collect(self, *, grace_seconds: float = 300.0, dry_run: bool = False) -> GcReport:
-        """Delete the remote packs no remote manifest references, and dead temporary objects.
-
-        Packs (and temporary objects) younger than ``grace_seconds`` are left alone: a trainer
-        uploads a checkpoint's packs before its manifest. A pack whose age the filesystem does not
-        report is kept. Remote packs are never rewritten: a pack with one live blob stays whole.
-        """
-        from .garbage import GcReport
-
-        if grace_seconds < 0:
-            raise ValueError("grace_seconds must be >= 0")
-        live: set[str] = set()
-        digests: set[str] = set()
-        live_shards: set[str] = set()
-        for remote in self.fs.glob(f"{self.base}/checkpoints/*/model/*_step_*.json"):
-            if remote.rsplit("/", 1)[-1].startswith(".tmp."):
-                continue
-            try:
-                manifest = Manifest.from_bytes(self.fs.cat_file(remote), path=remote)
-            except CorruptCheckpointError as exc:
-                raise WeightslabError(f"garbage collection of {self.url} stopped before deleting anything: {exc}. "
-                                      "Delete that manifest or restore it, then run gc again.") from exc
-            for tensor in manifest.tensors.values():
-                for blob in tensor.blob.chain():
-                    live.add(blob.pack)
-                    digests.add(blob.digest)
-            live_shards.update(self._remote(f) for f in self._shard_files(manifest))
-        now = time.time()
-        deleted = freed = live_bytes = dead_kept = 0
-        objects = self.fs.glob(f"{self.base}/objects/*/*")
-        shard_files = [f for f in self.fs.glob(f"{self.base}/checkpoints/*/shards/*/*") if f not in live_shards]
-        shard_sets = set()
-        for remote in shard_files:  # sharded saves whose manifest was deleted (or never uploaded)
-            info = self.fs.info(remote)
-            modified = _modified(info)
-            if modified is None or now - modified < grace_seconds:
-                dead_kept += int(info.get("size") or 0)
-                continue
-            shard_sets.add(remote.rsplit("/", 1)[0])
-            freed += int(info.get("size") or 0)
-            if not dry_run:
-                self.fs.rm(remote)
-        for remote in objects:
-            folder, name = remote.rsplit("/", 2)[-2:]
-            temporary = name.startswith(".tmp.")
-            if not temporary and not name.endswith(PACK_SUFFIX):
-                continue
-            info = self.fs.info(remote)
-            size = int(info.get("size") or 0)
-            pack = folder + name[: -len(PACK_SUFFIX)] if not temporary else None
-            if pack in live:
-                live_bytes += size
-                continue
-            modified = _modified(info)
-            if modified is None or now - modified < grace_seconds:
-                dead_kept += size
-                continue
-            deleted += 1
-            freed += size
-            if not dry_run:
-                self.fs.rm(remote)
-        report = GcReport(packs_deleted=deleted, packs_rewritten=0, bytes_freed=freed, bytes_live=live_bytes,
-                          bytes_dead_kept=dead_kept, live_blobs=len(digests), dry_run=dry_run,
-                          shard_sets_deleted=len(shard_sets))
-        log.info("garbage collection of %s: %s", self.url, report)
-        return report

@@ -3,7 +3,12 @@
 :class:`CheckpointManager` joins the layout (where files go), the store (tensor bytes) and the
 manifest (the commit). It is what the background writer calls to make a snapshot durable, and
 what ``resume`` and the command line use to resolve a ref and load a checkpoint. It knows paths
-and bytes; what the tensors mean is the state layer's business.
+and bytes (and no torch: :mod:`weightslab.tensors` turns tensors into blobs and back); what the
+tensors mean is the state layer's business.
+
+A manager is opened on one :class:`~weightslab.storage.root.Root`: for a remote root, the packs a read needs
+are fetched into the local directory first, and retention deletes the remote commit objects before
+the local ones.
 """
 
 from __future__ import annotations
@@ -17,21 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import torch
 import yaml
 
-from . import codec
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..refs import Ref, parse_ref
+from ..retention import CheckpointRecord, KeepBest, Retention, RetentionPlan
+from ..triggers import REASONS
 from .atomic import atomic_write, fsync_dir, make_dirs, remove, sweep_temp_files
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .experiment import ExperimentRecord, descendants
 from .layout import Layout, is_experiment_hash
 from .manifest import Manifest, TensorEntry
 from .names import read_names, set_name
-from .refs import Ref, parse_ref
-from .retention import CheckpointRecord, KeepBest, Retention, RetentionPlan
-from .snapshot import Snapshot, dtype_tag, empty_like_entry, raw_bytes, tag_dtype
-from .store import Blob, BlobRef, BlobStore
-from .triggers import REASONS
+from .remote import RemoteRoot
+from .root import Root
+from .shardfiles import ShardedFiles
+from .shardfiles import verify as verify_shards
+from .store import Blob, BlobRef, BlobStore, BytesLike
 
 __all__ = ["CheckpointManager", "CheckpointEntry", "SaveRequest", "VerifyReport"]
 
@@ -50,7 +56,9 @@ class SaveRequest:
     changes: tuple[Mapping[str, Any], ...]
     metrics: Mapping[str, Any]
     tree: Mapping[str, Any]
-    snapshot: Snapshot  # private copies of what changed, stored blobs of what did not
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]]  # every tensor key: (dtype name, shape)
+    blobs: Mapping[str, Blob]  # the bytes of the tensors that changed, to store
+    reused: Mapping[str, BlobRef]  # the tensors that did not: where their bytes are stored already
     run: str
     resumed_from: str | None
     created: str
@@ -124,10 +132,6 @@ def _read_created_ns(path: Path) -> int:
         return 0
 
 
-def _decode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    return codec.decode(dict(metrics), {})
-
-
 def _yamlable(value: Any) -> Any:
     """Plain hyperparameter values in the types ``yaml.safe_dump`` writes."""
     if isinstance(value, dict):
@@ -149,26 +153,24 @@ class CheckpointManager:
     checkpoint. Both are lossless: restores are bit-identical.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, compression: str = "off", delta: bool = False,
-                 reanchor_interval: int = 10, level: int = 1, sweep: bool = True):
+    def __init__(self, root: Root | str | os.PathLike[str], *, compression: str = "off", delta: bool = False,
+                 reanchor_interval: int = 10, level: int = 1, sweep: bool = True,
+                 best_metric: tuple[str, str] | None = None):
         if delta and compression != "zstd":
             raise ValueError("delta=True stores XOR deltas compressed with zstd; set compression='zstd' too")
         if reanchor_interval < 1:
             raise ValueError(f"reanchor_interval must be >= 1, got {reanchor_interval}")
-        self.layout = Layout(Path(root))
+        self._root = root if isinstance(root, Root) else Root(Path(root))
+        self.layout = self._root.layout
         self.store = BlobStore(self.layout, compression=compression, level=level)
         self.delta = delta
         self.reanchor_interval = reanchor_interval
-        # key -> (anchor blob, its raw tensor, deltas stored against it since), for delta=True
-        self._anchors: dict[str, tuple[BlobRef, torch.Tensor, int]] = {}
+        self._best_metric = best_metric
+        # key -> (anchor blob, a copy of its raw bytes, its dtype name and shape, deltas stored
+        # against it since), for delta=True
+        self._anchors: dict[str, tuple[BlobRef, BytesLike, str, tuple[int, ...], int]] = {}
         self._written_experiments: set[str] = set()
         self._records: dict[Path, tuple[int, CheckpointRecord | None]] = {}  # path -> (mtime, record)
-        #: What a bare ``<hash>@best`` ranks by: (metric, "min" | "max"); the system sets its
-        #: retention's keep_best metric here.
-        self.best_metric: tuple[str, str] | None = None
-        #: For the staging root of a remote root: where packs this root lacks are fetched from
-        #: before they are read (a :class:`~weightslab.remote.RemoteRoot`).
-        self.remote: Any = None
         self._created: dict[Path, tuple[int, int, int]] = {}  # path -> (mtime, size, created_ns)
         # (sweep=False for a process that must not judge other writers' temporary files: a rank of a
         # distributed job on another host cannot tell whether a pid in a file name is alive.)
@@ -179,6 +181,16 @@ class CheckpointManager:
     @property
     def root(self) -> Path:
         return self.layout.root
+
+    @property
+    def remote(self) -> RemoteRoot | None:
+        """The remote root this root mirrors (a :class:`~weightslab.storage.remote.RemoteRoot`), or None."""
+        return self._root.remote
+
+    @property
+    def best_metric(self) -> tuple[str, str] | None:
+        """What a bare ``<hash>@best`` ranks by: (metric, ``"min"`` | ``"max"``), or None."""
+        return self._best_metric
 
     # --- writing ----------------------------------------------------------------------------
     def write_experiment(self, record: ExperimentRecord) -> None:
@@ -203,51 +215,47 @@ class CheckpointManager:
         """Make one checkpoint durable: the pack of what changed first, then the manifest (the
         commit point). Returns the manifest and where each tensor is stored."""
         self.write_experiment(request.experiment)
-        snap = request.snapshot
-        snap.wait_ready()  # copies from a GPU are asynchronous
-        keys = list(snap.copies)
-        blobs = [Blob(data=raw_bytes(t), dtype=dtype_tag(t.dtype, key=k), shape=tuple(t.shape),
-                      itemsize=t.element_size(), base=self._delta_base(k, t))
-                 for k, t in snap.copies.items()]
+        keys = list(request.blobs)
+        blobs = [dataclasses.replace(blob, base=self._delta_base(key, blob)) for key, blob in request.blobs.items()]
         # Shared lock: garbage collection cannot delete a blob between our choice to reuse it and
         # the commit of the manifest that references it.
-        reused = snap.reused_refs()
         with self.store.lock(exclusive=False):
-            moved = self.store.revalidate(reused.values())
+            moved = self.store.revalidate(request.reused.values())
             refs = dict(zip(keys, self.store.put(blobs)))
-            for key, ref in reused.items():
+            for key, ref in request.reused.items():
                 refs[key] = _relocated(ref, moved)
             manifest = self._manifest(request, refs)
             atomic_write(self.layout.manifest(manifest.experiment, manifest.step), manifest.to_bytes())
         if self.delta:
-            for key in keys:
+            for key, blob in request.blobs.items():
                 ref = refs[key]
                 if ref.base is None:  # stored self-contained: the new anchor of this tensor
-                    # cloned: the snapshot's buffer is reused by the next snapshots
-                    self._anchors[key] = (ref, snap.copies[key].clone(), 0)
+                    # copied: the snapshot's buffer is reused by the next snapshots
+                    self._anchors[key] = (ref, bytes(blob.data), blob.dtype, blob.shape, 0)
                 elif key in self._anchors and ref.base.digest == self._anchors[key][0].digest:
-                    anchor, tensor, count = self._anchors[key]
-                    self._anchors[key] = (anchor, tensor, count + 1)
+                    anchor, data, dtype, shape, count = self._anchors[key]
+                    self._anchors[key] = (anchor, data, dtype, shape, count + 1)
         return manifest, refs
 
-    def _delta_base(self, key: str, tensor: torch.Tensor) -> tuple[BlobRef, memoryview] | None:
+    def _delta_base(self, key: str, blob: Blob) -> tuple[BlobRef, BytesLike] | None:
         anchor = self._anchors.get(key) if self.delta else None
         if anchor is None:
             return None
-        ref, old, count = anchor
-        if old.dtype != tensor.dtype or old.shape != tensor.shape or count + 1 >= self.reanchor_interval:
+        ref, data, dtype, shape, count = anchor
+        if dtype != blob.dtype or shape != blob.shape or count + 1 >= self.reanchor_interval:
             return None  # store it self-contained: it becomes the new anchor
-        return ref, raw_bytes(old)
+        return ref, data
 
-    def remember(self, tensors: Mapping[str, torch.Tensor], refs: Mapping[str, BlobRef]) -> None:
-        """Anchors after a resume: the restored tensors self-contained in the store become anchors."""
+    def remember(self, blobs: Mapping[str, Blob], refs: Mapping[str, BlobRef]) -> None:
+        """Anchors after a resume: the restored tensors (``blobs``: their bytes, kept as they are)
+        that are stored self-contained become the anchors of the next deltas."""
         if self.delta:
             for key, ref in refs.items():
-                if key in tensors and ref.base is None:
-                    self._anchors[key] = (ref, tensors[key], 0)
+                blob = blobs.get(key)
+                if blob is not None and ref.base is None:
+                    self._anchors[key] = (ref, blob.data, blob.dtype, blob.shape, 0)
 
     def _manifest(self, request: SaveRequest, refs: Mapping[str, BlobRef]) -> Manifest:
-        meta = request.snapshot.meta
         return Manifest(
             experiment=request.experiment.hash,
             step=request.step,
@@ -259,8 +267,8 @@ class CheckpointManager:
             run=request.run,
             resumed_from=request.resumed_from,
             versions=request.versions,
-            tensors={k: TensorEntry(dtype=dtype_tag(dtype, key=k), shape=shape, blob=refs[k])
-                     for k, (dtype, shape) in meta.items()},
+            tensors={k: TensorEntry(dtype=dtype, shape=shape, blob=refs[k])
+                     for k, (dtype, shape) in request.tensors.items()},
             state=request.tree,
         )
 
@@ -319,7 +327,7 @@ class CheckpointManager:
         return read_names(self.layout)
 
     def name_experiment(self, exp_hash: str, name: str, *, replace: bool = False) -> None:
-        """Give experiment ``exp_hash`` the human name ``name`` (see :mod:`weightslab.names`)."""
+        """Give experiment ``exp_hash`` the human name ``name`` (see :mod:`weightslab.storage.names`)."""
         created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
         set_name(self.layout, name, exp_hash, created=created, replace=replace)
 
@@ -428,44 +436,21 @@ class CheckpointManager:
     def read_manifest(self, entry: CheckpointEntry | Path) -> Manifest:
         return Manifest.read(entry.path if isinstance(entry, CheckpointEntry) else Path(entry))
 
-    def load_tensors(self, manifest: Manifest) -> dict[str, torch.Tensor]:
-        """Every tensor of the checkpoint, each byte checked against its digest."""
+    def read_tensors(self, manifest: Manifest, into: Mapping[str, BytesLike]) -> None:
+        """Read the bytes of the checkpoint's tensors ``into`` buffers (by tensor key), each byte
+        checked against its digest; a remote root's packs are fetched first.
+        (:func:`weightslab.tensors.load_tensors` gives them as tensors.)"""
         if self.remote is not None:
             self.remote.pull_packs(manifest)
-        tensors: dict[str, torch.Tensor] = {}
-        first: dict[tuple[str, str, tuple[int, ...]], str] = {}  # tied weights, repeated buffers: read once
-        aliases: list[tuple[str, str]] = []
-        reads = []
-        for key, entry in manifest.tensors.items():
-            ident = (entry.blob.digest, entry.dtype, entry.shape)
-            if ident in first:
-                aliases.append((key, first[ident]))
-                continue
-            first[ident] = key
-            tensors[key] = empty_like_entry(entry.dtype, entry.shape)
-            reads.append((entry.blob, raw_bytes(tensors[key])))
-        self.store.read_into(reads, checkpoint=manifest.ref)
-        for key, source in aliases:
-            tensors[key] = tensors[source].clone()
-        return dict((k, tensors[k]) for k in manifest.tensors)
+        self.store.read_into([(manifest.tensors[key].blob, buffer) for key, buffer in into.items()],
+                             checkpoint=manifest.ref)
 
-    @staticmethod
-    def tensor_meta(manifest: Manifest) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """dtype and (global) shape of every tensor of the checkpoint, sharded ones included."""
-        meta = {k: (tag_dtype(e.dtype), e.shape) for k, e in manifest.tensors.items()}
-        sharded = manifest.state.get("sharded")
-        if isinstance(sharded, Mapping):
-            meta.update({k: (tag_dtype(v["dtype"]), tuple(v["shape"])) for k, v in sharded["tensors"].items()})
-        return meta
-
-    def shards(self, manifest: Manifest) -> "tuple[Path, Any] | None":
+    def shards(self, manifest: Manifest) -> tuple[Path, ShardedFiles] | None:
         """Where a checkpoint's sharded tensors are (torch.distributed.checkpoint wrote them) and the
-        record of their files (:class:`weightslab.sharded.ShardedFiles`); None if it has none."""
+        record of their files (:class:`weightslab.distributed.sharded.ShardedFiles`); None if it has none."""
         sharded = manifest.state.get("sharded")
         if sharded is None:
             return None
-        from .sharded import ShardedFiles  # imports torch.distributed.checkpoint: only when needed
-
         try:
             files = self.layout.shard_files(manifest.experiment, sharded)
         except ValueError as exc:
@@ -514,8 +499,6 @@ class CheckpointManager:
                 problems.append(str(exc))
                 shards = None
             if shards is not None:
-                from .sharded import verify as verify_shards
-
                 problems += verify_shards(*shards)
                 nbytes += shards[1].nbytes
             if problems:
@@ -534,7 +517,7 @@ class CheckpointManager:
             if cached is None or cached[0] != entry.mtime_ns:
                 try:
                     manifest = self.read_manifest(entry)
-                    metrics = {k: float(v) for k, v in _decode_metrics(manifest.metrics).items()}
+                    metrics = manifest.numeric_metrics()
                     record: CheckpointRecord | None = CheckpointRecord(
                         experiment=manifest.experiment, step=manifest.step, created_ns=manifest.created_ns,
                         reasons=tuple(r for r in manifest.reasons if r in _KNOWN_REASONS), metrics=metrics)
@@ -549,12 +532,18 @@ class CheckpointManager:
     def apply_retention(self, retention: Retention, *, experiments: Iterable[str] | None = None,
                         dry_run: bool = False) -> RetentionPlan:
         """Delete the manifests of the checkpoints ``retention`` does not keep (blobs stay until
-        :func:`weightslab.gc`). Returns the plan, whether or not it was carried out."""
+        :func:`weightslab.gc`). Returns the plan, whether or not it was carried out.
+
+        On a remote root, each checkpoint is deleted remotely first (its manifest is the commit
+        object there), then locally: a failure leaves the local copy, and the next retention
+        deletes it again."""
         plan = retention.plan(self.records(experiments))
         if dry_run or not plan.delete:
             return plan
         touched = set()
         for record in plan.delete:
+            if self.remote is not None:
+                self.remote.delete(record.experiment, record.step)
             path = self.layout.manifest(record.experiment, record.step)
             remove(path)
             self._records.pop(path, None)

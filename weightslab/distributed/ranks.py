@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from . import codec
-from .errors import RankStateError
-from .manifest import canonical_json
+from ..canonical import TAG, canonical_json
+from ..errors import RankStateError
 
 __all__ = ["PER_RANK", "RANK_STATE_MODES", "attach", "own", "view"]
 
@@ -44,8 +43,8 @@ def _comparable(node: Any, digests: Mapping[str, str]) -> Any:
     """``node`` with each tensor reference replaced by its blob's digest: equal values compare equal
     whichever rank's tensor key they were saved under."""
     if isinstance(node, dict):
-        if node.get(codec.TAG) in ("tensor", "ndarray") and "key" in node:
-            return {codec.TAG: node[codec.TAG], "digest": digests.get(node["key"], node["key"])}
+        if node.get(TAG) in ("tensor", "ndarray") and "key" in node:
+            return {TAG: node[TAG], "digest": digests.get(node["key"], node["key"])}
         return {k: _comparable(v, digests) for k, v in node.items()}
     if isinstance(node, list):
         return [_comparable(v, digests) for v in node]

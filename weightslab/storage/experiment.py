@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .errors import CorruptCheckpointError, FormatVersionError
+from ..errors import CorruptCheckpointError, FormatVersionError
 from .manifest import FORMAT_VERSION, seal, unseal
 
 if TYPE_CHECKING:  # (fingerprint imports torch; reading a record must not)
-    from .fingerprint import Fingerprint
+    from ..fingerprint import Fingerprint
 
 __all__ = ["ExperimentRecord", "Parent", "descendants"]
 

@@ -14,17 +14,16 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 import yaml
 
-from ._version import __version__
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, WeightslabError
-from .experiment import ExperimentRecord
-from .layout import Layout
-from .names import read_names
-from .remote import RemoteRoot, is_remote, staging_dir
+from .._version import __version__
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, NotARootError, WeightslabError
+from ..storage.experiment import ExperimentRecord
+from ..storage.layout import Layout
+from ..storage.names import read_names
+from ..storage.root import Root
 
 __all__ = ["main", "EXIT_CODES"]
 
@@ -96,48 +95,29 @@ def _number(value: float) -> str:
 
 
 # --- the root ----------------------------------------------------------------------------------------
-def _root(args: argparse.Namespace) -> Path:
-    given = args.root or os.environ.get("WEIGHTSLAB_ROOT") or "experiments"
-    if is_remote(given):
-        return _remote_view(args, given)
-    root = Path(given).expanduser().absolute()
-    if not (root / "checkpoints").is_dir() and not (root / "objects").is_dir():
-        raise CliError(f"{root} is not a weightslab root (no checkpoints/ or objects/ in it); pass --root with the "
-                       "root_log_dir your training used, or set WEIGHTSLAB_ROOT", 3)
-    return root
-
-
-def _remote_view(args: argparse.Namespace, url: str) -> Path:
-    """A remote root, read through a local mirror of its manifests (packs are fetched on demand)."""
-    if getattr(args, "remote", None) is None:
-        layout = Layout(staging_dir(url, view=True))
+def _root(args: argparse.Namespace) -> Root:
+    """The root the command reads, opened once: a remote root through a local mirror of its
+    manifests (packs are fetched when a command reads tensors)."""
+    if getattr(args, "opened", None) is None:
         try:
-            args.remote = RemoteRoot(url, layout)
-            args.remote.pull_index(mirror=True)
-        except ImportError as exc:
-            raise CliError(str(exc), 6) from None
-        except OSError as exc:
-            raise CliError(f"{url} cannot be read ({type(exc).__name__}: {exc}); check the URL and the credentials", 3)
-    root = args.remote.layout.root
-    if not (root / "checkpoints").is_dir():
-        raise CliError(f"{url} is not a weightslab root (it holds no committed checkpoint); pass --root with the "
-                       "root_log_dir your training used", 3)
-    return root
+            args.opened = Root.existing(args.root or None)
+        except NotARootError as exc:
+            raise CliError(f"{exc}", 3) from None
+    return args.opened
 
 
 def _fetch(args: argparse.Namespace, manifests: Iterable[Any]) -> None:
     """On a remote root: the packs these checkpoints need, into the local mirror (for the commands
     that hand the mirror to code with a manager of its own, such as export)."""
-    if getattr(args, "remote", None) is not None:
+    remote = _root(args).remote
+    if remote is not None:
         for manifest in manifests:
-            args.remote.pull_packs(manifest)
+            remote.pull_packs(manifest)
 
 
 def _manager(args: argparse.Namespace) -> Any:
-    from .manager import CheckpointManager  # imports torch: only the commands that read tensors need it
-    manager = CheckpointManager(_root(args))
-    manager.remote = getattr(args, "remote", None)  # on a remote root, packs are fetched when read
-    return manager
+    from ..storage.manager import CheckpointManager
+    return CheckpointManager(_root(args))
 
 
 def _catalog(root: Any) -> Any:
@@ -202,7 +182,7 @@ _REASONS = {"config_change": "config", "model_change": "model", "restart_with_ch
 
 
 def cmd_ls(args: argparse.Namespace, out: Out) -> int:
-    layout = Layout(_root(args))
+    layout = _root(args).layout
     with _catalog(layout) as catalog:
         rows = catalog.experiments()
     if args.json:
@@ -225,7 +205,7 @@ def cmd_ls(args: argparse.Namespace, out: Out) -> int:
 
 # --- log -----------------------------------------------------------------------------------------------
 def cmd_log(args: argparse.Namespace, out: Out) -> int:
-    layout = Layout(_root(args))
+    layout = _root(args).layout
     with _catalog(layout) as catalog:
         rows = {r.hash: r for r in catalog.experiments()}
     children: dict[str | None, list[str]] = {}
@@ -281,7 +261,7 @@ def cmd_log(args: argparse.Namespace, out: Out) -> int:
 
 # --- show ----------------------------------------------------------------------------------------------
 def _hyperparams(manifest: Any) -> dict[str, Any]:
-    from . import codec
+    from .. import codec
     return codec.decode(manifest.state.get("hyperparams", {}), {})
 
 
@@ -296,7 +276,7 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     manifest = manager.read_manifest(entry)
     record = manager.read_experiment(manifest.experiment)
     names = [n for n, h in read_names(manager.layout).items() if h == manifest.experiment]
-    from . import codec
+    from .. import codec
     metrics = codec.decode(dict(manifest.metrics), {})
     raw = sum(t.blob.size for t in manifest.tensors.values())
     models: dict[str, int] = {}
@@ -345,8 +325,10 @@ def _tensor_changes(manager: Any, a: Any, b: Any) -> list[tuple[str, float | Non
     """(key, relative L2 norm of the difference) for the model tensors both hold (None: shapes differ)."""
     import torch
 
+    from ..tensors import load_tensors
+
     keys = sorted(k for k in a.tensors if k.startswith("models/") and k in b.tensors)
-    ta, tb = manager.load_tensors(a), manager.load_tensors(b)
+    ta, tb = load_tensors(manager, a), load_tensors(manager, b)
     out = []
     for key in keys:
         x, y = ta[key], tb[key]
@@ -368,7 +350,7 @@ def cmd_diff(args: argparse.Namespace, out: Out) -> int:
     ea, eb = _entry(manager, args.a), _entry(manager, args.b)
     ma, mb = manager.read_manifest(ea), manager.read_manifest(eb)
     ra, rb = manager.read_experiment(ma.experiment), manager.read_experiment(mb.experiment)
-    from .fingerprint import diff_architecture, diff_hyperparams
+    from ..fingerprint import diff_architecture, diff_hyperparams
     hp = diff_hyperparams(_hyperparams(ma), _hyperparams(mb))
     arch = diff_architecture(ra.architecture, rb.architecture) if ra and rb else []
     tensors = _tensor_changes(manager, ma, mb)
@@ -431,10 +413,11 @@ def cmd_verify(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, out: Out) -> int:
-    from . import garbage
+    from ..storage import garbage
     manager = _manager(args)
-    if getattr(args, "remote", None) is not None:  # the bucket's packs, not the local mirror's
-        report = args.remote.collect(grace_seconds=args.grace, dry_run=args.dry_run)
+    remote = _root(args).remote
+    if remote is not None:  # the bucket's packs, not the local mirror's
+        report = garbage.collect_remote(remote, grace_seconds=args.grace, dry_run=args.dry_run)
     else:
         report = garbage.collect(manager, grace_seconds=args.grace, dry_run=args.dry_run)
     if args.json:
@@ -458,7 +441,7 @@ def _bytes_only_in(manager: Any, deleted: Sequence[str], kept: Sequence[str]) ->
 
 
 def cmd_prune(args: argparse.Namespace, out: Out) -> int:
-    from .retention import Retention
+    from ..retention import Retention
     manager = _manager(args)
     if not any((args.keep_last, args.keep_every, args.keep_best, args.keep_changes)):
         raise CliError("prune needs a policy: --keep-last N, --keep-every K, --keep-best K --metric M or "
@@ -471,10 +454,7 @@ def cmd_prune(args: argparse.Namespace, out: Out) -> int:
     plan = manager.apply_retention(retention, dry_run=True)
     freed = _bytes_only_in(manager, plan.delete_refs, plan.keep_refs)
     if not args.dry_run and plan.delete:
-        if manager.remote is not None:  # the commit objects in the bucket go first
-            for record in plan.delete:
-                manager.remote.delete(record.experiment, record.step)
-        plan = manager.apply_retention(retention)
+        plan = manager.apply_retention(retention)  # (on a remote root, the bucket's commit objects go first)
     if args.json:
         out.json({"dry_run": args.dry_run, "delete": list(plan.delete_refs), "keep": {r: list(plan.why.get(r, ()))
                   for r in plan.keep_refs}, "bytes_freed_by_gc": freed})
@@ -489,7 +469,7 @@ def cmd_prune(args: argparse.Namespace, out: Out) -> int:
 
 # --- export, resume-info, reindex ----------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace, out: Out) -> int:
-    from .portable import export
+    from ..portable import export
     manager = _manager(args)
     entry = _entry(manager, args.ref)
     _fetch(args, [manager.read_manifest(entry)])
@@ -530,7 +510,7 @@ def cmd_resume_info(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace, out: Out) -> int:
-    layout = Layout(_root(args))
+    layout = _root(args).layout
     with _catalog(layout) as catalog:
         count = catalog.reindex()
     if args.json:

@@ -30,16 +30,17 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
-from .experiment import ExperimentRecord
-from .layout import Layout
-from .manifest import Manifest
-from .names import read_names
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
+from ..retention import CheckpointRecord, KeepBest
+from ..storage.experiment import ExperimentRecord
+from ..storage.layout import Layout
+from ..storage.manifest import Manifest
+from ..storage.names import read_names
 
 if TYPE_CHECKING:
-    from .manager import CheckpointManager
+    from ..storage.manager import CheckpointManager
 
 __all__ = ["Catalog", "CheckpointRow", "ExperimentRow", "SCHEMA_VERSION"]
 
@@ -253,24 +254,8 @@ def _float_or_nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-def _plain_number(value: Any) -> Any:
-    """A metric as ``codec.encode`` wrote it (a number, or a tagged non-finite float), without
-    importing the codec (and torch with it)."""
-    if isinstance(value, Mapping) and value.get("__wl__") == "float":
-        return float(value.get("value", "nan"))
-    return value
-
-
-def _metrics(encoded: Mapping[str, Any], path: Path) -> tuple[tuple[str, float | None], ...]:
-    out = []
-    for name, value in ((k, _plain_number(v)) for k, v in encoded.items()):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            log.warning("the catalog ignores metric %r of %s: %r is not a number", name, path, value)
-            continue
-        out.append((str(name), None if math.isnan(number) else number))
-    return tuple(out)
+def _metrics(manifest: Manifest) -> tuple[tuple[str, float | None], ...]:
+    return tuple((name, None if math.isnan(value) else value) for name, value in manifest.numeric_metrics().items())
 
 
 def _read_manifest(path: Path, experiment: str, key: str) -> _Indexed:
@@ -286,7 +271,7 @@ def _read_manifest(path: Path, experiment: str, key: str) -> _Indexed:
             blobs[ref.digest] = ref.nbytes
     return _Indexed(path=key, mtime_ns=st.st_mtime_ns, size=st.st_size, experiment=experiment,
                     step=manifest.step, created_ns=manifest.created_ns, reasons=json.dumps(list(manifest.reasons)),
-                    nbytes=manifest.total_bytes, metrics=_metrics(manifest.metrics, path),
+                    nbytes=manifest.total_bytes, metrics=_metrics(manifest),
                     blobs=tuple(blobs.items()))
 
 
@@ -310,9 +295,12 @@ class Catalog:
     it as a context manager.
     """
 
-    def __init__(self, root: "CheckpointManager | Layout") -> None:
-        # A Layout is enough: the command line lists a root without importing torch (the manager does).
+    def __init__(self, root: "CheckpointManager | Layout", *,
+                 read_manifest: Callable[[Path, str, str], Any] | None = None) -> None:
+        # (``read_manifest(path, experiment, key)`` indexes one manifest: a test passes its own to see
+        # which manifests a refresh reads)
         self.layout = root.layout if hasattr(root, "layout") else root
+        self._read_manifest = read_manifest or _read_manifest
         self.path = self.layout.catalog_path
         self.in_memory = False  # True when the index could not be written (see _open_memory)
         self._identity: tuple[int, int] | None = None  # (device, inode) of the index file opened
@@ -493,7 +481,7 @@ class Catalog:
             if stored.get(path) == (mtime, size):
                 continue
             try:
-                read.append(_read_manifest(self.layout.root / path, h, path))
+                read.append(self._read_manifest(self.layout.root / path, h, path))
             except (FileNotFoundError, CheckpointNotFoundError):
                 unreadable.add(path)  # deleted since the listing
             except (OSError, CorruptCheckpointError, ValueError, KeyError, TypeError) as exc:
@@ -673,18 +661,11 @@ class Catalog:
         return self._recovering(lambda: self._best(experiment, metric, mode))
 
     def _best(self, experiment: str, metric: str, mode: str) -> CheckpointRow | None:
-        self._refresh(rebuild=False)
-        db = self._db
-        order = "ASC" if mode == "min" else "DESC"
-        row = db.execute(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints AS c JOIN metrics AS m ON m.checkpoint_id = c.id "
-            f"WHERE c.experiment = ? AND m.name = ? AND m.value IS NOT NULL "
-            f"ORDER BY m.value {order}, c.created_ns, c.step LIMIT 1", (self._resolve(experiment), metric)).fetchone()
-        if row is None:
-            return None
-        metrics = {name: _float_or_nan(value)
-                   for name, value in db.execute("SELECT name, value FROM metrics WHERE checkpoint_id = ?", (row[0],))}
-        return self._row(row, metrics)
+        # Ranked as every "best" is (retention's KeepBest, the @best refs): one definition of the order.
+        rows = {CheckpointRecord(r.experiment, r.step, r.created_ns, metrics=r.metrics): r
+                for r in self._checkpoints(experiment)}
+        ranked = KeepBest(k=1, metric=metric, mode=mode).ranked(list(rows))
+        return rows[ranked[0]] if ranked else None
 
     def _resolve(self, experiment: str) -> str:
         """A name of an experiment -> its hash; anything else as it is (names never look like hashes)."""

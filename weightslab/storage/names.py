@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..errors import CorruptCheckpointError, WeightslabError
+from ..refs import check_name
 from .atomic import atomic_write, make_dirs
-from .errors import CorruptCheckpointError, WeightslabError
 from .layout import Layout
 from .manifest import FORMAT_VERSION, seal, unseal
-from .refs import check_name
 
-__all__ = ["read_names", "set_name", "names_of"]
+__all__ = ["read_names", "set_name", "names_of", "check_new_name"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,15 @@ def read_names(layout: Layout) -> dict[str, str]:
 def names_of(layout: Layout, exp_hash: str) -> list[str]:
     """The names pointing at ``exp_hash``, sorted."""
     return sorted(name for name, h in read_names(layout).items() if h == exp_hash)
+
+
+def check_new_name(layout: Layout, name: str) -> None:
+    """ValueError unless ``name`` can name a new experiment: it is valid and names none yet."""
+    check_name(name)
+    current = read_names(layout).get(name)
+    if current is not None:
+        raise ValueError(f"that name already names experiment {current}; continue it with "
+                         f"system.resume('{name}@latest'), or choose another name")
 
 
 def set_name(layout: Layout, name: str, exp_hash: str, *, created: str, replace: bool = False) -> None:

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from ..canonical import TAG, canonical_json
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
 from .store import BlobRef
 
-__all__ = ["FORMAT_VERSION", "DISTRIBUTED_FORMAT_VERSION", "READABLE_VERSIONS", "Manifest", "TensorEntry", "canonical_json", "seal", "unseal"]
+__all__ = ["FORMAT_VERSION", "DISTRIBUTED_FORMAT_VERSION", "READABLE_VERSIONS", "Manifest", "TensorEntry", "seal", "unseal"]
 
 #: Version 2 added encoded blobs (zstd, XOR deltas with a nested ``base``) to tensor entries;
 #: version 1 documents (the foundation's) read unchanged.
 FORMAT_VERSION = 2
 #: Version 3 added what a distributed job writes: every rank's own state (the state tree's
-#: ``ranks``, see :mod:`weightslab.ranks`) and sharded tensors written by every rank with
+#: ``ranks``, see :mod:`weightslab.distributed.ranks`) and sharded tensors written by every rank with
 #: torch.distributed.checkpoint (``sharded``: their directory, dtypes and global shapes, and the
 #: size and digest of each file). Only manifests that hold them are written as version 3,
 #: so that an older weightslab refuses them (asking for an upgrade) rather than giving every rank
@@ -32,10 +34,7 @@ DISTRIBUTED_FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 KIND = "weightslab.checkpoint"
 
-
-def canonical_json(value: Any) -> str:
-    """One byte-exact rendering of a JSON value: sorted keys, no spaces, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+log = logging.getLogger(__name__)
 
 
 def _digest(body: Mapping[str, Any]) -> str:
@@ -110,6 +109,19 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(t.blob.nbytes for t in self.tensors.values())
+
+    def numeric_metrics(self) -> dict[str, float]:
+        """The metrics as floats (non-finite ones are tagged by the codec: read without it, and
+        without torch); a value that is not a number is left out, with a warning naming it."""
+        out = {}
+        for name, value in self.metrics.items():
+            if isinstance(value, Mapping) and value.get(TAG) == "float":
+                value = value.get("value", "nan")
+            try:
+                out[str(name)] = float(value)
+            except (TypeError, ValueError):
+                log.warning("checkpoint %s: metric %r is %r, not a number; ignored", self.ref, name, value)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {

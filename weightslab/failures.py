@@ -1,0 +1,58 @@
+"""What went wrong during training and was not raised at once: the promise that training never dies
+because checkpointing failed, and that no failure is silent either.
+
+Every part of the checkpoint system reports through one :class:`Failures`: a failure is logged as a
+warning and kept (with the background writer's own failures) until :meth:`Failures.raise_kept`, which
+``wait()`` and ``close()`` call; under ``strict=True`` it is raised at once instead. Warnings that
+would repeat at every step are said once per key.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .errors import CheckpointSaveError, WeightslabError
+from .writer import Writer
+
+__all__ = ["Failures"]
+
+log = logging.getLogger(__name__)
+
+
+class Failures:
+    """The failures of one checkpoint system, kept beside those of its writer."""
+
+    def __init__(self, writer: Writer, *, strict: bool):
+        self._writer = writer
+        self.strict = strict
+        self._warned: set[str] = set()
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        """``what`` failed with ``exc``: raised under ``strict``, else logged and kept."""
+        if self.strict:
+            if isinstance(exc, WeightslabError):
+                raise exc
+            raise CheckpointSaveError(f"{what} failed: {type(exc).__name__}: {exc}", errors=[exc]) from exc
+        log.warning("%s failed: %s: %s (training goes on; the error is raised from wait() or close())",
+                    what, type(exc).__name__, exc)
+        self._writer.keep(exc)
+
+    def keep(self, exc: BaseException) -> None:
+        """Keep a failure that was logged already (raised from the next ``wait()`` / ``close()``)."""
+        self._writer.keep(exc)
+
+    def warn_once(self, key: str, message: str, *args: Any) -> None:
+        """A warning that is said the first time ``key`` comes up, and never again."""
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    def raise_kept(self) -> None:
+        """Raise :class:`CheckpointSaveError` with every failure kept since the last call, if any."""
+        errors = self._writer.take_errors()
+        if errors:
+            detail = "; ".join(f"{type(e).__name__}: {e}" for e in errors[:5])
+            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+            raise CheckpointSaveError(f"{len(errors)} checkpoint save(s) failed: {detail}{more}",
+                                      errors=errors) from errors[0]

@@ -1,0 +1,293 @@
+"""Restoring a checkpoint: resolve a ref once, verify it, check it fits, put it back (RNG last).
+
+A ref (``latest``, ``<hash or name>@<step>``, ``@best``, a path; :mod:`weightslab.refs`) resolves to
+candidates, best first (``latest`` may fall back to an older checkpoint when a newer one is damaged;
+an explicit ref never does). Each candidate is read once into a :class:`Resolved` checkpoint (its
+manifest, verified by its digest, and its experiment's record), which is handed down to every step
+that needs it: building the model it needs (``model_factory``), the check that it fits the
+registered objects, loading its tensors (every byte verified), restoring them, and the lineage.
+Nothing registered changes until every tensor has been read and verified.
+
+In a distributed job every rank resolves the same ref against the same root (a shared filesystem or
+a remote URL); :meth:`~weightslab.distributed.job.Job.agree_on_checkpoint` makes sure they found the same
+checkpoint before any rank restores anything, and rank r restores rank r's own state
+(:func:`weightslab.distributed.ranks.view`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import codec
+from . import state as _state
+from .distributed import ranks as _ranks
+from .distributed import sharded as _sharded
+from .distributed.job import Job
+from .distributed.sharded import is_sharded
+from .errors import ArchitectureMismatchError, ConfigError, CorruptCheckpointError, WeightslabError
+from .failures import Failures
+from .ledger import Entry, Ledger
+from .refs import parse_ref
+from .storage.experiment import ExperimentRecord
+from .storage.manager import CheckpointEntry, CheckpointManager
+from .storage.manifest import Manifest
+from .storage.shardfiles import ShardedFiles
+from .tensors import load_tensors, tag_dtype, tensor_meta
+
+__all__ = ["CheckpointInfo", "Resolved", "Restorer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint holds, read from its (verified) manifest without loading any tensor."""
+
+    ref: str
+    experiment: str
+    step: int
+    reasons: tuple[str, ...]
+    created: str
+    metrics: Mapping[str, Any]
+    hyperparams: Mapping[str, Any]  # registration name -> saved values
+    path: Path
+    parent: str | None  # the experiment's parent ref, if it was opened by a change
+    architecture: list[Any]  # the experiment's structural description (see fingerprint)
+    nbytes: int
+
+
+@dataclass
+class Resolved:
+    """One committed checkpoint a ref resolved to, read once: its manifest and its experiment's
+    record; after :meth:`Restorer.load`, its tensors too (every byte verified)."""
+
+    entry: CheckpointEntry
+    manifest: Manifest
+    record: ExperimentRecord | None
+    tensors: dict[str, torch.Tensor] | None = None
+    shards: tuple[Path, ShardedFiles] | None = None
+
+    @property
+    def ref(self) -> str:
+        return self.manifest.ref
+
+    @property
+    def step(self) -> int:
+        return self.manifest.step
+
+    def info(self) -> CheckpointInfo:
+        manifest, record = self.manifest, self.record
+        return CheckpointInfo(
+            ref=manifest.ref, experiment=manifest.experiment, step=manifest.step, reasons=manifest.reasons,
+            created=manifest.created, metrics=codec.decode(dict(manifest.metrics), {}),
+            hyperparams=codec.decode(manifest.state.get("hyperparams", {}), {}), path=self.entry.path,
+            parent=record.parent.ref if record and record.parent else None,
+            architecture=record.architecture if record else [], nbytes=manifest.total_bytes)
+
+
+class Restorer:
+    """Resolves refs against one root and restores checkpoints into the registered objects."""
+
+    def __init__(self, ledger: Ledger, manager: CheckpointManager, job: Job, failures: Failures, *,
+                 rank_state: str = "exact"):
+        self._ledger = ledger
+        self._manager = manager
+        self._job = job
+        self._failures = failures
+        self._rank_state = rank_state
+
+    # --- resolving ------------------------------------------------------------------------------
+    def _candidates(self, ref: str | os.PathLike[str], current: Callable[[], str | None]) \
+            -> tuple[list[CheckpointEntry], bool]:
+        """The checkpoints ``ref`` may mean, best first, and whether a damaged one may be skipped
+        for the next. ``current()`` names the experiment whose lineage ``latest`` searches."""
+        remote = self._manager.remote
+        if remote is not None:  # what the remote root holds, in the staging root first
+            fetched = remote.pull_index()
+            if fetched:
+                log.info("fetched %d manifests and records from %s", fetched, remote.url)
+        parsed = parse_ref(ref)
+        entries = self._manager.candidates(parsed, current=current() if parsed.latest else None)
+        return entries, parsed.latest or parsed.step is None
+
+    def _read(self, entry: CheckpointEntry) -> Resolved:
+        manifest = self._manager.read_manifest(entry)
+        return Resolved(entry, manifest, self._manager.read_experiment(manifest.experiment))
+
+    def peek(self, ref: str | os.PathLike[str], current: Callable[[], str | None]) -> Resolved | None:
+        """The newest readable checkpoint ``ref`` means (its tensors not read); None if none."""
+        entries, _ = self._candidates(ref, current)
+        for entry in entries:
+            try:
+                return self._read(entry)
+            except CorruptCheckpointError as exc:
+                log.warning("skipping damaged checkpoint %s: %s", entry.ref, exc)
+        return None
+
+    def load(self, ref: str | os.PathLike[str], current: Callable[[], str | None], *, fall_back: bool = True,
+             prepare: Callable[[Resolved], None] | None = None) -> Resolved | None:
+        """The checkpoint ``ref`` means, read, checked against the registered objects and loaded with
+        every byte verified; nothing registered changes (but what ``prepare`` registers: it is called
+        once, with the first checkpoint whose manifest reads, before the check). None when ``latest``
+        finds nothing. In a distributed job, every rank found the same checkpoint or all raise."""
+        found, error = None, None
+        try:
+            found = self._load(ref, current, fall_back=fall_back, prepare=prepare)
+        except Exception as exc:  # noqa: BLE001 - raised by agree_on_checkpoint, once the other ranks know
+            if not self._job.distributed:
+                raise
+            error = exc
+        self._job.agree_on_checkpoint(str(ref), found.ref if found is not None else None, error)
+        return found
+
+    def _load(self, ref: str | os.PathLike[str], current: Callable[[], str | None], *, fall_back: bool,
+              prepare: Callable[[Resolved], None] | None) -> Resolved | None:
+        entries, may_fall_back = self._candidates(ref, current)
+        if not entries:
+            return None
+        damaged: list[str] = []
+        for entry in entries:
+            try:
+                resolved = self._read(entry)
+                if prepare is not None:
+                    prepare(resolved)
+                    prepare = None
+                manifest = resolved.manifest
+                _state.check_compatible(self._ledger, manifest.state, tensor_meta(manifest))
+                resolved.tensors = load_tensors(self._manager, manifest)  # (fetches a remote root's packs)
+                resolved.shards = self._manager.shards(manifest)
+                # Checked here too (every rank, each file), so that a damaged sharded save falls back
+                # to the previous checkpoint as a damaged pack does.
+                problems = _sharded.verify(*resolved.shards) if resolved.shards is not None else []
+                if problems:
+                    raise CorruptCheckpointError(f"its sharded tensors are damaged: {'; '.join(problems)}",
+                                                 path=resolved.shards[0] if resolved.shards else None)
+                return resolved
+            except CorruptCheckpointError as exc:
+                if not (may_fall_back and fall_back):
+                    raise
+                damaged.append(f"{entry.ref}: {exc}")
+                log.warning("checkpoint %s is damaged (%s); falling back to the previous one", entry.ref, exc)
+        raise CorruptCheckpointError("no checkpoint of %s verifies:\n  %s" % (ref, "\n  ".join(damaged)))
+
+    # --- restoring -----------------------------------------------------------------------------
+    def restore(self, resolved: Resolved, *, rank_state: str | None = None) -> dict[str, torch.Tensor]:
+        """Put a loaded checkpoint into the registered objects (RNG last); return every tensor
+        restored, by key (sharded ones included)."""
+        manifest = resolved.manifest
+        assert resolved.tensors is not None, "load() the checkpoint before restoring it"
+        digests = {key: entry.blob.digest for key, entry in manifest.tensors.items()}
+        try:
+            tree, notes = _ranks.view(manifest.state, rank=self._job.rank, world_size=self._job.size,
+                                      digests=digests, mode=rank_state or self._rank_state)
+        except ValueError as exc:
+            if isinstance(exc, WeightslabError):
+                raise
+            raise ConfigError(str(exc)) from None
+        for note in notes:
+            log.warning("resume from %s: %s", manifest.ref, note)
+        tensors = dict(resolved.tensors)
+        if resolved.shards is not None:
+            tensors.update(self._load_shards(manifest, *resolved.shards))
+        report = _state.restore(self._ledger, tree, tensors)
+        for what in report.missing:
+            log.warning("resume from %s: %s is registered but not in the checkpoint; left as it is",
+                        manifest.ref, what)
+        for what in report.unused:
+            log.warning("resume from %s: the checkpoint holds %s, which is not registered here; not restored",
+                        manifest.ref, what)
+        log.info("restored %s (step %d, %s) from %s", manifest.ref, manifest.step,
+                 ", ".join(report.restored) or "nothing registered", resolved.entry.path)
+        return tensors
+
+    def _load_shards(self, manifest: Manifest, directory: Path, files: ShardedFiles) -> dict[str, torch.Tensor]:
+        """Read a checkpoint's sharded tensors (every rank, collectively) into the live ones of the
+        registered objects, resharding to their placements; restore then loads them as they are."""
+        meta = manifest.state["sharded"]["tensors"]
+        live = _state.capture_replicated(self._ledger, step=manifest.step).tensors
+        targets = {key: live[key].detach() if key in live else self._shard_target(key, m) for key, m in meta.items()}
+        # (load verified every file on every rank, and the ranks agreed on this checkpoint: no need
+        # to hash the files a second time)
+        _sharded.load(targets, directory, files, group=self._job.group, verified=True)
+        return targets
+
+    def _shard_target(self, key: str, meta: Mapping[str, Any]) -> torch.Tensor:
+        """A tensor to load sharded optimizer state into when the optimizer has none yet (it makes
+        its state at its first step): shaped and placed like the parameter it belongs to."""
+        parts = key.split("/")
+        optimizer = self._ledger.objects("optimizer").get(parts[1]) if len(parts) == 5 and \
+            parts[0] == "optimizers" and parts[2] == "state" and parts[3].isdigit() else None
+        if optimizer is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            index = int(parts[3])
+            if index < len(params) and is_sharded(params[index]) and list(params[index].shape) == list(meta["shape"]):
+                return torch.zeros_like(params[index].detach(), dtype=tag_dtype(meta["dtype"]))
+        raise ArchitectureMismatchError(
+            f"the checkpoint's sharded tensor {key} {list(meta['shape'])} has no counterpart among the registered "
+            "objects to load into; register the model and optimizer the checkpoint was saved from",
+            differences=[key])
+
+    # --- building what a checkpoint needs ---------------------------------------------------------
+    def register_built(self, model_factory: Callable[[CheckpointInfo], Any], resolved: Resolved) -> None:
+        """Register what ``model_factory(info)`` builds under the checkpoint's names (everything it
+        returns is checked before anything is registered)."""
+        built = model_factory(resolved.info())
+        if isinstance(built, torch.nn.Module):
+            built = {"model": built}
+        kinds = ("model", "optimizer", "scheduler", "scaler")
+        if not isinstance(built, Mapping) or not set(built) <= set(kinds):
+            raise ConfigError(f"model_factory must return a torch.nn.Module or a dict with keys among {kinds}, got "
+                              f"{type(built).__name__}{' with keys ' + str(sorted(built)) if isinstance(built, Mapping) else ''}")
+        saved = resolved.manifest.state
+        plural = {"model": "models", "optimizer": "optimizers", "scheduler": "schedulers", "scaler": "scalers"}
+        by_kind: dict[str, dict[str, Any]] = {}
+        for kind, value in built.items():
+            names = sorted(saved.get(plural[kind], {})) or ["main"]
+            if not isinstance(value, Mapping):
+                if len(names) != 1:
+                    raise ConfigError(f"the checkpoint holds several {plural[kind]} ({', '.join(names)}): return "
+                                      f"{{{kind!r}: {{name: object}}}} from model_factory")
+                value = {names[0]: value}
+            by_kind[kind] = dict(value)
+        # An optimizer left training the parameters of a replaced model would silently do nothing useful.
+        new_models = {**self._ledger.objects("model"), **by_kind.get("model", {})}
+        live = {id(p) for m in new_models.values() for p in m.parameters()}
+        for name, opt in self._ledger.objects("optimizer").items():
+            if name not in by_kind.get("optimizer", {}) and any(
+                    id(p) not in live for g in opt.param_groups for p in g["params"]):
+                raise ConfigError(f"model_factory built new models, but the registered optimizer {name!r} trains the "
+                                  "parameters of the old ones: return {'model': model, 'optimizer': optimizer} (and its "
+                                  "scheduler) from model_factory")
+        expected = {"model": (torch.nn.Module, "a torch.nn.Module"),
+                    "optimizer": (torch.optim.Optimizer, "a torch.optim.Optimizer"),
+                    "scheduler": (object, "an object with load_state_dict()"),
+                    "scaler": (object, "an object with load_state_dict()")}
+        for kind, objects in by_kind.items():  # check everything before registering anything
+            cls, what = expected[kind]
+            for name, obj in objects.items():
+                if not isinstance(obj, cls) or not callable(getattr(obj, "load_state_dict", None)):
+                    raise ConfigError(f"model_factory returned a {type(obj).__name__} as {kind} {name!r}; "
+                                      f"return {what}")
+        for kind in kinds:  # models first, so optimizers registered again can be matched to them
+            for name, obj in by_kind.get(kind, {}).items():
+                self._ledger.register(Entry(kind, name, obj))
+
+    def warn_if_not_reproducible(self) -> None:
+        """Exactness needs a reproducible process; say once what is missing, and what to do."""
+        problems = []
+        if any(p.is_cuda for m in self._ledger.objects("model").values() for p in m.parameters()) and \
+                not torch.are_deterministic_algorithms_enabled():
+            problems.append("models run on CUDA without torch.use_deterministic_algorithms(True) (and "
+                            "CUBLAS_WORKSPACE_CONFIG=:4096:8): nondeterministic kernels make every run differ")
+        if torch.backends.mkl.is_available() and "MKL_CBWR" not in os.environ:
+            problems.append("MKL_CBWR is not set: on this CPU two runs of the same seeded training can differ; set "
+                            "MKL_CBWR=AVX2,STRICT before importing torch and torch.set_num_threads(1)")
+        if problems:
+            self._failures.warn_once("reproducible", "resumed, but this process is not set up to continue bit for "
+                                     "bit: %s (guides/exactness.md)", "; ".join(problems))

@@ -1,0 +1,277 @@
+"""Taking a checkpoint: capture the registered state, copy what changed, commit it in the background.
+
+On the training thread, :meth:`Saver.save` captures the state tree and the live tensors
+(:mod:`weightslab.state`), and the snapshotter copies the tensors that changed into reusable host
+buffers (:mod:`weightslab.snapshot`); that copy is all the training loop waits for. The rest runs on
+the background writer (:mod:`weightslab.writer`), in order: the sharded tensors of a distributed job
+are awaited, the snapshot becomes blobs and the manager commits pack and manifest
+(:mod:`weightslab.storage.manager`), then retention runs, and a remote root gets the upload.
+
+In a distributed job every rank takes part in a save (it was agreed at the boundary): each rank's own
+state travels to rank 0 (:meth:`~weightslab.distributed.job.Job.exchange_own`), every rank writes its sharded
+tensors with torch.distributed.checkpoint, and rank 0 alone commits the one manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Callable, Mapping, Sequence
+
+from . import state as _state
+from .distributed import ranks as _ranks
+from .distributed import sharded as _sharded
+from .distributed.job import Job
+from .distributed.sharded import is_sharded
+from .errors import CheckpointSaveError
+from .failures import Failures
+from .ledger import Ledger
+from .provenance import now, versions
+from .retention import Retention
+from .snapshot import Snapshot, Snapshotter
+from .storage.experiment import ExperimentRecord
+from .storage.manager import CheckpointManager, SaveRequest
+from .storage.manifest import Manifest
+from .tensors import blob_of, dtype_tag
+from .writer import Writer
+
+__all__ = ["Saver"]
+
+log = logging.getLogger(__name__)
+
+
+class Saver:
+    """The checkpoints one run takes, from capture to upload.
+
+    ``clock`` is what "seconds since the last save" is measured with (``every_seconds``); the
+    run's start counts as a save.
+    """
+
+    def __init__(self, ledger: Ledger, manager: CheckpointManager, job: Job, failures: Failures, writer: Writer, *,
+                 backpressure: str = "block", retention: Retention | None = None, full_check_every: int = 10,
+                 clock: Callable[[], float] = time.monotonic):
+        self._ledger = ledger
+        self._manager = manager
+        self._job = job
+        self._failures = failures
+        self._writer = writer
+        self._backpressure = backpressure
+        self._retention = retention if retention is not None and not retention.keeps_everything else None
+        self._clock = clock
+        self.snapshotter = Snapshotter(full_check_every=full_check_every)
+        self.run = uuid.uuid4().hex[:12]  # names this process's run in every manifest it writes
+        self._saved: set[tuple[str, int]] = set()  # (experiment, step) saved by this run
+        self._last_save = clock()
+        self._skipped = 0  # saves dropped by backpressure="skip"
+        self._unpushed: list[Manifest] = []  # committed locally, not uploaded yet (a failed push)
+        self._shard_saves: list[tuple[str, _sharded.SaveHandle]] = []  # ranks > 0: their shards being written
+
+    # --- what this run saved --------------------------------------------------------------------
+    def saved(self, experiment: str, step: int) -> bool:
+        """Whether this run took (or resumed from) checkpoint ``experiment@step``."""
+        return (experiment, step) in self._saved
+
+    def mark_saved(self, experiment: str, step: int) -> None:
+        self._saved.add((experiment, step))
+
+    @property
+    def has_saved(self) -> bool:
+        return bool(self._saved)
+
+    @property
+    def skipped(self) -> int:
+        """Saves dropped because the writer was behind (``backpressure="skip"``)."""
+        return self._skipped
+
+    def seconds_since_save(self) -> float:
+        return self._clock() - self._last_save
+
+    # --- saving ---------------------------------------------------------------------------------
+    def file_record(self, record: ExperimentRecord) -> None:
+        """Write an experiment's record in the background (in order with the commits)."""
+        if self._job.writes:
+            self._writer.submit(f"record of {record.hash}", lambda: self._manager.write_experiment(record))
+
+    def save(self, *, experiment: ExperimentRecord, step: int, reasons: tuple[str, ...],
+             changes: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any] | None, resumed_from: str | None,
+             early: Mapping[str, Any] | None = None) -> bool:
+        """Take a checkpoint; True when it was handed to the writer (or committed, under ``strict``)."""
+        job = self._job
+        if job.gone:
+            return False
+        ref = f"{experiment.hash}@{step}"
+        writes = job.writes
+        strict = self._failures.strict
+        skipping = self._backpressure == "skip" and not strict and "preempt" not in reasons
+        if skipping and not job.distributed and not self._writer.has_room():
+            return self._skip(ref)
+        captured, payload, error = None, b"", None
+        try:
+            if writes:
+                captured = _state.capture(self._ledger, step=step, early=early)
+            else:  # the replicated sections only for their sharded tensors; its own state travels to rank 0
+                captured = _state.capture_replicated(self._ledger, step=step)
+                payload = _state.capture_own(self._ledger, early=early, prefix=f"ranks/{job.rank}/").to_bytes()
+        except Exception as exc:  # noqa: BLE001 - reported now (one process) or once every rank knows
+            error = exc
+        # (detached: DCP's staging deep-copies what it is given, and an FSDP parameter also holds an
+        # unsharded storage that is freed between steps)
+        sharded = {k: t.detach() for k, t in captured.tensors.items() if is_sharded(t)} if captured is not None \
+            else {}
+        try:
+            exchange = job.exchange_own(experiment=experiment.hash, step=step, payload=payload, error=error,
+                                        sharded=len(sharded), skip=writes and skipping and not self._writer.has_room())
+        except Exception as exc:
+            self._failures.fail(f"checkpoint {ref}", exc)
+            return False
+        if exchange.skip:
+            return self._skip(ref)
+        if job.distributed:
+            self.mark_saved(experiment.hash, step)  # on every rank: final saves are decided alike
+        assert captured is not None
+        token = f"{exchange.token:016x}"
+        shards = None
+        if sharded:  # every rank writes its shards, with torch.distributed.checkpoint, in the background
+            directory = self._manager.layout.shards(experiment.hash, step, token)
+            try:
+                shards = _sharded.async_save(sharded, directory)
+            except Exception as exc:
+                self._failures.fail(f"checkpoint {ref} (sharded tensors)", exc)
+                return False
+            if not writes:
+                self._shard_saves.append((ref, shards))
+        if not writes:
+            return True
+        try:
+            others = [_state.Captured.from_bytes(p) for p in exchange.others]
+            if others:
+                _ranks.attach(captured.tree, [_ranks.own(captured.tree)] + [c.tree for c in others])
+                for other in others:
+                    captured.tensors.update(other.tensors)
+            if sharded:
+                captured.tree["sharded"] = {
+                    "directory": f"shards/{directory.name}",
+                    "tensors": {k: {"dtype": dtype_tag(t.dtype, key=k), "shape": list(t.shape)}
+                                for k, t in sharded.items()}}
+                for key in sharded:
+                    del captured.tensors[key]
+            snap = self.snapshotter.take(captured.tensors)
+        except Exception as exc:
+            self._failures.fail(f"checkpoint {ref}", exc)
+            return False
+        created, created_ns = now()
+        request = dict(experiment=experiment, step=step, reasons=reasons, changes=tuple(changes),
+                       metrics=dict(metrics or {}), tree=captured.tree, run=self.run, resumed_from=resumed_from,
+                       created=created, created_ns=created_ns, versions=versions())
+        if skipping and not job.distributed and not sharded and not self._writer.has_room(snap.copied_bytes):
+            self.snapshotter.failed(snap)
+            self.snapshotter.release(snap)
+            return self._skip(ref)
+        self.mark_saved(experiment.hash, step)
+        self._last_save = self._clock()
+        if strict:
+            try:
+                self._commit(request, snap, shards)
+            except Exception as exc:
+                raise CheckpointSaveError(f"checkpoint {ref} failed: {type(exc).__name__}: {exc}",
+                                          errors=[exc]) from exc
+        else:
+            self._writer.submit(ref, lambda: self._commit(request, snap, shards), snap.copied_bytes)
+        return True
+
+    def _skip(self, ref: str) -> bool:
+        self._skipped += 1
+        if self._skipped in (1, 10, 100) or self._skipped % 1000 == 0:
+            log.warning("checkpoint %s skipped: the writer is behind (backpressure='skip'; %d saves skipped so "
+                        "far). Save less often, or set backpressure='block' to wait for it", ref, self._skipped)
+        return False
+
+    def _commit(self, request: dict[str, Any], snap: Snapshot, shards: _sharded.SaveHandle | None) -> Manifest:
+        """On the writer's thread: make one checkpoint durable, then retention and upload."""
+        try:
+            if shards is not None:  # the sharded tensors first: durable on every rank when this returns
+                request["tree"]["sharded"]["files"] = shards.result().to_json()
+            manifest, refs = self._manager.commit(SaveRequest(**request, tensors=snap.entries(), blobs=snap.blobs(),
+                                                              reused=snap.reused_refs()))
+        except BaseException:
+            self.snapshotter.failed(snap)  # later saves must copy what this one did not store
+            self.snapshotter.release(snap)
+            raise
+        self.snapshotter.committed(snap, refs)
+        self.snapshotter.release(snap)  # its buffers serve the next snapshots
+        if self._manager.remote is None or self._push(manifest):  # (never prune remotely what is not up yet)
+            self._apply_retention(manifest)
+        log.debug("committed checkpoint %s (%s, %d tensors, %d bytes)", manifest.ref, ", ".join(manifest.reasons),
+                  len(manifest.tensors), manifest.total_bytes)
+        return manifest
+
+    def _apply_retention(self, manifest: Manifest) -> None:
+        if self._retention is None:
+            return
+        try:
+            self._manager.apply_retention(self._retention, experiments=[manifest.experiment])
+        except Exception as exc:  # the checkpoint itself is committed: report, do not fail it
+            log.warning("retention after checkpoint %s failed: %s: %s", manifest.ref, type(exc).__name__, exc)
+            self._failures.keep(exc)
+
+    def _push(self, manifest: Manifest) -> bool:
+        """Upload a committed checkpoint (and any whose upload failed before) to the remote root;
+        a failure is kept and raised from wait()/close(), and retried with the next checkpoint."""
+        remote = self._manager.remote
+        assert remote is not None
+        self._unpushed.append(manifest)
+        try:
+            remote.push(self._unpushed)
+        except Exception as exc:
+            log.warning("uploading checkpoint %s to %s failed: %s: %s (it is committed locally under %s; the upload "
+                        "is retried with the next checkpoint)", manifest.ref, remote.url, type(exc).__name__, exc,
+                        self._manager.root)
+            self._failures.keep(exc)
+            return False
+        self._unpushed.clear()
+        return True
+
+    def push_names(self) -> None:
+        """Upload the root's experiment names to its remote root, if it has one."""
+        remote = self._manager.remote
+        if remote is None:
+            return
+        try:
+            remote.push_names()
+        except Exception as exc:  # the name is kept locally; say so, and raise it from wait()
+            log.warning("uploading experiment names to %s failed: %s: %s", remote.url, type(exc).__name__, exc)
+            self._failures.keep(exc)
+
+    # --- after a resume ---------------------------------------------------------------------------
+    def learn_restored(self, manifest: Manifest, loaded: Mapping[str, Any]) -> None:
+        """The models and optimizers now hold exactly the restored blobs: the next save reuses them
+        instead of copying and hashing everything again (and a delta is taken against them)."""
+        live = _state.live_tensors(self._ledger)
+        refs = {k: e.blob for k, e in manifest.tensors.items() if k in live}
+        self.snapshotter.seed(live, refs)
+        self._manager.remember({k: blob_of(k, loaded[k]) for k in refs if k in loaded}, refs)
+
+    # --- waiting ----------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Until every save taken so far is durable (failures are kept, not raised)."""
+        self._writer.wait()
+        self.wait_shards()
+
+    def wait_shards(self) -> None:
+        """Ranks other than 0: wait for the sharded tensors they are writing (rank 0's writer waits
+        for every rank's before it commits)."""
+        while self._shard_saves:
+            ref, handle = self._shard_saves.pop(0)
+            try:
+                handle.result()
+            except Exception as exc:  # rank 0 fails the same checkpoint, which is not committed
+                log.warning("the sharded tensors of checkpoint %s failed on this rank: %s: %s", ref,
+                            type(exc).__name__, exc)
+                self._failures.keep(exc)
+
+    def close(self) -> None:
+        """Finish every queued save, stop the writer, free the snapshot buffers."""
+        self._writer.close()
+        self.wait_shards()
+        self.snapshotter.pool.clear()
