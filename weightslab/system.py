@@ -1,19 +1,12 @@
 """The automatic checkpoint system: the one orchestrator, and the only place where the parts meet.
 
-It holds a few collaborators, each an object with its own state and one concept, and calls them in
-order at the two moments that matter:
-
-- at a **step boundary** (``checkpoint_on_step``, or the hooks of the :class:`~weightslab.clock.StepClock`):
-  the watched config files give their edits (:class:`~weightslab.watch.ConfigWatch`), the
-  :class:`~weightslab.lineage.Lineage` says what changed and which experiment the run is in now, the
-  optimizer binding applies bound hyperparameters, the save policy says whether to save, the ranks of a
-  distributed job agree (:class:`~weightslab.distributed.job.Job`), and the :class:`~weightslab.saver.Saver` takes
-  the checkpoint, committed in the background;
-- at a **resume** or a **fork**: the :class:`~weightslab.restorer.Restorer` resolves the ref once,
-  verifies and loads it, and restores it; the lineage continues in (or branches from) its experiment.
-
-Failures go through one :class:`~weightslab.failures.Failures`: logged and kept for ``wait()`` and
-``close()``, or raised at once under ``strict=True``.
+It holds collaborators, each an object with its own state and one concept, and calls them in order.
+At a **step boundary** (``checkpoint_on_step``, or the :class:`~weightslab.clock.StepClock`'s hooks):
+the watched files' edits (:class:`~weightslab.watch.ConfigWatch`), what changed and which experiment
+the run is in (:class:`~weightslab.lineage.Lineage`), the optimizer binding, the save policy, the
+ranks' agreement (:class:`~weightslab.distributed.job.Job`), the save (:class:`~weightslab.saver.Saver`).
+At a **resume** or **fork**: :class:`~weightslab.restorer.Restorer`, then the lineage. Failures go
+through one :class:`~weightslab.failures.Failures`. The map: guides/architecture.md.
 """
 
 from __future__ import annotations
@@ -28,9 +21,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import codec, data
+from . import codec
 from . import hyperparams as _hp
 from . import state as _state
+from .attachments import Attachments
 from .binding import OptimizerBinding
 from .clock import Deferred, StepClock, check_metrics, check_step
 from .config import CheckpointConfig, make_config
@@ -38,7 +32,7 @@ from .configfile import ConfigFile, fork_edits
 from .distributed.job import Job
 from .errors import CheckpointNotFoundError, ConfigError, InvalidStepError
 from .failures import Failures
-from .ledger import LEDGER, Entry, Ledger
+from .ledger import LEDGER, Ledger
 from .lineage import Lineage
 from .preemption import PreemptionGuard, signal_numbers
 from .restorer import CheckpointInfo, Resolved, Restorer
@@ -46,7 +40,6 @@ from .saver import Saver
 from .storage.manager import CheckpointManager
 from .storage.names import check_new_name
 from .storage.root import Root
-from .surgery import carry_optimizer_state, parameter_names
 from .triggers import SavePolicy
 from .watch import ConfigWatch
 from .writer import Writer
@@ -120,13 +113,9 @@ class AutomaticCheckpointSystem:
         self._guard = PreemptionGuard(signal_numbers(config.preempt_signals), timeout=config.preempt_timeout)
         if config.preempt_signals and not self._guard.install():
             log.info("the checkpoint system was created outside the main thread: no preemption signal handlers")
-        self._lineage.detector.install()
-        for kind in ("model", "optimizer", "dataloader", "hyperparams"):
-            for entry in ledger.entries(kind).values():
-                self._attach(entry)
-        self._unsubscribe = ledger.subscribe(self._on_ledger)
+        self._attachments = Attachments(ledger, lock=self._lock, clock=self._clock, watch=self._watch,
+                                        lineage=self._lineage, failures=self._failures)
         atexit.register(self._atexit)
-        log.debug("checkpoint system started under %s", self.root)
 
     # --- what a user can read ---------------------------------------------------------------
     @property
@@ -180,49 +169,6 @@ class AutomaticCheckpointSystem:
             due, self._auto_resume_due = self._auto_resume_due, False
             if due and self.resume("latest"):
                 log.info("resume='auto': continuing from %s", self._lineage.resumed_from)
-
-    # --- the registered objects -------------------------------------------------------------
-    def _on_ledger(self, event: str, entry: Entry, previous: Entry | None) -> None:
-        # (called outside the ledger's lock: taking ours cannot deadlock with a boundary reading the ledger)
-        with self._lock:
-            if self._closed:
-                return
-            if previous is not None:
-                self._detach(previous)
-                if entry.kind == "optimizer" and event == "register" and previous.obj is not entry.obj:
-                    self._carry_over(previous.obj, entry.obj, entry.name)
-            if event == "register":
-                self._attach(entry)
-            else:
-                self._detach(entry)
-            if entry.kind in ("model", "hyperparams"):
-                self._lineage.detector.invalidate()
-
-    def _attach(self, entry: Entry) -> None:
-        self._watch.attach(entry)
-        if entry.kind == "dataloader":
-            problem = data.make_resumable(entry.obj, name=entry.name)
-            if problem is not None:
-                self._failures.warn_once(f"loader:{entry.name}", "%s. A resumed run restarts that loader's epoch, "
-                                         "so it is not exact.", problem)
-        self._clock.attach(entry)
-
-    def _detach(self, entry: Entry) -> None:
-        self._clock.detach(entry)
-        self._watch.detach(entry)
-        if entry.kind == "dataloader":
-            data.undo_resumable(entry.obj)
-
-    def _carry_over(self, old: Any, new: Any, name: str) -> None:
-        """An optimizer registered again (after model surgery): the state of unchanged parameters moves over."""
-        try:
-            report = carry_optimizer_state(old, new, old_names=self._lineage.detector.parameter_names(),
-                                           new_names=parameter_names(self.ledger.objects("model")))
-        except Exception as exc:  # never let this stop training: the new optimizer just starts fresh
-            self._failures.fail(f"carrying the state of optimizer {name!r} over", exc)
-            return
-        level = logging.WARNING if report.reset or report.dropped or report.reason else logging.INFO
-        log.log(level, "optimizer %r registered again: %s", name, report)
 
     # --- the triggers -----------------------------------------------------------------------
     def checkpoint_on_step(self, step: int, metrics: Mapping[str, Any] | None = None) -> bool:
@@ -388,10 +334,7 @@ class AutomaticCheckpointSystem:
                     self._final_save()
             finally:
                 self._closed = True
-                self._unsubscribe()
-                self._clock.close()
-                self._watch.close()
-                self._lineage.detector.remove()
+                self._attachments.close()
                 atexit.unregister(self._atexit)
         self._saver.close()
         pending = self._guard.pending
@@ -460,17 +403,15 @@ class AutomaticCheckpointSystem:
         :class:`ArchitectureMismatchError` listing the differences, before changing anything, when
         the checkpoint does not fit the registered model.
 
-        ``model_factory(info)`` rebuilds what the checkpoint needs, from its
-        :class:`CheckpointInfo` (hyperparameters and structural description, nothing unpickled),
-        before anything is restored: it returns the model, or a dict such as ``{"model": model,
-        "optimizer": optimizer, "scheduler": scheduler}`` (several models: ``{"model": {name:
-        module}}``); weightslab registers what it returns under the checkpoint's names.
+        ``model_factory(info)`` rebuilds what the checkpoint needs from its :class:`CheckpointInfo`
+        (hyperparameters and structure, nothing unpickled) before anything is restored: it returns
+        the model, or ``{"model": model, "optimizer": optimizer, "scheduler": scheduler}`` (several
+        models: ``{"model": {name: module}}``), registered under the checkpoint's names.
 
-        In a torch.distributed job every rank calls it; rank r gets back rank r's own random
-        generators, loader position and custom state. On another number of ranks, loader positions
-        are resharded and the rest is restored when it was the same on every saved rank; otherwise
-        :class:`RankStateError` lists it, unless ``rank_state="rank0"`` (default: the config's
-        ``rank_state``) gives every rank rank 0's.
+        In a torch.distributed job every rank calls it and gets back its own random generators,
+        loader position and custom state. On another number of ranks, loader positions are resharded
+        and the rest restored when it was the same on every saved rank; otherwise
+        :class:`RankStateError` lists it, unless ``rank_state="rank0"`` gives every rank rank 0's.
         """
         with self._lock:
             self._check_open()
