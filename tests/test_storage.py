@@ -67,8 +67,7 @@ def step(model: nn.Module, opt: torch.optim.Optimizer) -> float:
 
 def test_a_90_percent_frozen_fine_tune_adds_only_what_changed(root: Path) -> None:
     model, opt = fine_tune()
-    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False,
-                                      full_check_every=0)
+    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False)
     wl.register_model(model)
     wl.register_optimizer(opt)
     step(model, opt)
@@ -90,40 +89,27 @@ def test_a_90_percent_frozen_fine_tune_adds_only_what_changed(root: Path) -> Non
     system.close()
 
 
-def test_unchanged_tensors_are_neither_copied_nor_hashed(root: Path) -> None:
+def test_unchanged_tensors_are_stored_once(root: Path) -> None:
     model, opt = fine_tune(frozen=9)
-    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False,
-                                      full_check_every=0)
+    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False)
     wl.register_model(model)
     wl.register_optimizer(opt)
-    taken = []  # (copied keys, reused keys) of each snapshot, when it was taken
-    original_take = system._saver.snapshotter.take
-
-    def spy(tensors):
-        snap = original_take(tensors)
-        taken.append((set(snap.copies), set(snap.reused)))
-        return snap
-    system._saver.snapshotter.take = spy
     for s in (1, 2):
         step(model, opt)
         wl.checkpoint_on_step(s)
     system.wait()
-    (first_copied, _), (second_copied, second_reused) = taken
     frozen_keys = {f"models/main/{i}.{p}" for i in range(9) for p in ("weight", "bias")}
-    assert frozen_keys <= first_copied  # the first save copies everything
-    assert frozen_keys <= second_reused and not frozen_keys & second_copied
-    assert "models/main/9.weight" in second_copied  # the trained layer changed
     manager = CheckpointManager(root)
     m1, m2 = (manager.read_manifest(e) for e in manager.checkpoints())
-    for key in frozen_keys:
+    for key in frozen_keys:  # copied and hashed again, found by digest: the same blob in the same pack
         assert m1.tensors[key].blob == m2.tensors[key].blob
+    assert m1.tensors["models/main/9.weight"].blob != m2.tensors["models/main/9.weight"].blob  # it trained
     system.close()
 
 
-def test_a_write_through_data_is_caught_by_the_sampled_bytes(root: Path, caplog) -> None:
+def test_a_write_through_data_is_in_the_next_checkpoint(root: Path) -> None:
     model, opt = fine_tune(frozen=9)
-    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False,
-                                      full_check_every=0)
+    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False)
     wl.register_model(model)
     wl.register_optimizer(opt)
     wl.checkpoint_on_step(1)
@@ -135,31 +121,6 @@ def test_a_write_through_data_is_caught_by_the_sampled_bytes(root: Path, caplog)
     manager = CheckpointManager(root)
     tensors = load_tensors(manager, manager.read_manifest(manager.checkpoints()[-1]))
     assert torch.equal(tensors["models/main/0.weight"], model[0].weight.detach())
-    system.close()
-
-
-def test_a_sparse_write_behind_the_version_counter_is_caught_by_the_full_check(root: Path, caplog) -> None:
-    torch.manual_seed(0)
-    emb = nn.Embedding(1000, 8)
-    emb.requires_grad_(False)
-    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False,
-                                      full_check_every=3)
-    wl.register_model(emb)
-    wl.checkpoint_on_step(1)  # save 1: copied
-    emb.weight.data[1].add_(1.0)  # one row, most likely outside the 16 sampled elements
-    wl.checkpoint_on_step(2)  # save 2: the sample may miss it
-    with caplog.at_level(logging.WARNING):
-        wl.checkpoint_on_step(3)  # save 3: full check -> caught
-        system.wait()
-    assert "changed without its version counter moving" in caplog.text
-    manager = CheckpointManager(root)
-    latest = load_tensors(manager, manager.read_manifest(manager.checkpoints()[-1]))
-    assert torch.equal(latest["models/main/weight"], emb.weight.detach())
-    emb.weight.data[2].add_(1.0)
-    wl.checkpoint_on_step(4)  # distrusted now: copied at every save
-    system.wait()
-    latest = load_tensors(manager, manager.read_manifest(manager.checkpoints()[-1]))
-    assert torch.equal(latest["models/main/weight"], emb.weight.detach())
     system.close()
 
 

@@ -89,15 +89,18 @@ class StepClock:
 
     ``on_boundary(step)`` is called (under ``lock``) when the hooks find the end of a step;
     ``on_forward()`` when a registered model's forward starts (the system completes a deferred save
-    there). ``hooks=False`` installs no hook: only explicit calls mark boundaries.
+    there); ``on_step()`` when a registered optimizer's step starts, before it changes anything (the
+    system waits there for a background copy of the parameters). ``hooks=False`` installs no hook:
+    only explicit calls mark boundaries.
     """
 
     def __init__(self, *, hooks: bool, lock: threading.RLock, on_boundary: Callable[[int], Any],
-                 on_forward: Callable[[], Any]):
+                 on_forward: Callable[[], Any], on_step: Callable[[], Any] = lambda: None):
         self._hooks = hooks
         self._lock = lock
         self._on_boundary = on_boundary
         self._on_forward = on_forward
+        self._on_step = on_step
         self.last: Boundary | None = None
         self.explicit = False  # the loop calls checkpoint_on_step itself
         self.optimizer_ran = False  # an optimizer step started since the last boundary
@@ -145,6 +148,7 @@ class StepClock:
 
     def _optimizer_starts(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.optimizer_ran = True
+        self._on_step()
 
     def _optimizer_stepped(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.explicit or self._closed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -75,9 +76,14 @@ class CheckpointConfig:
     delta: bool = False
     #: With ``delta``: a self-contained copy every N versions, so a restore decodes at most N blobs.
     reanchor_interval: int = 10
-    #: Every N-th save copies and hashes every tensor, to check the cheap "unchanged" signal
-    #: (version counters) that lets the other saves skip unchanged tensors; 0 never checks.
-    full_check_every: int = 10
+    #: Copy parameters and optimizer state in the background, beside the next forward and backward,
+    #: and wait for the copy right before the next optimizer step (or the next forward of a registered
+    #: model, without a hooked optimizer). Pass False if the loop changes parameters between
+    #: ``checkpoint_on_step`` and that point through ``.data`` or numpy (guides/getting-started.md).
+    overlap: bool = True
+    #: No longer used: every save copies every tensor, and the store skips what it holds already by
+    #: digest (kept so that scripts passing it still run; a warning says so).
+    full_check_every: int | None = None
     #: Which checkpoints to keep, applied to the experiment after each save: a
     #: :class:`~weightslab.retention.Retention` or a dict of ``Retention.of`` arguments, e.g.
     #: ``{"keep_last": 5, "keep_best": 1, "metric": "val_loss"}``. None keeps everything. The
@@ -114,7 +120,7 @@ class CheckpointConfig:
         if freq is not None and (isinstance(freq, bool) or not isinstance(freq, int) or freq < 1):
             raise ConfigError(f"checkpoint_frequency must be a positive integer (save every N steps) or None "
                               f"(save only on changes), got {freq!r}")
-        for name in ("strict", "hook_optimizer", "save_on_close"):
+        for name in ("strict", "hook_optimizer", "save_on_close", "overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.max_pending_saves, bool) or not isinstance(self.max_pending_saves, int) \
@@ -178,11 +184,13 @@ class CheckpointConfig:
         if self.rank_state not in RANK_STATE_MODES:
             raise ConfigError(f"rank_state must be one of {', '.join(map(repr, RANK_STATE_MODES))}, "
                               f"got {self.rank_state!r}")
-        for name in ("reanchor_interval", "full_check_every"):
-            value = getattr(self, name)
-            low = 1 if name == "reanchor_interval" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.reanchor_interval, bool) or not isinstance(self.reanchor_interval, int) \
+                or self.reanchor_interval < 1:
+            raise ConfigError(f"reanchor_interval must be an integer >= 1, got {self.reanchor_interval!r}")
+        if self.full_check_every is not None:
+            warnings.warn("full_check_every no longer has any effect: every save copies every tensor and the store "
+                          "skips what it holds already by digest (nothing is trusted to be unchanged); remove it",
+                          FutureWarning, stacklevel=4)
 
 
 def make_config(settings: Mapping[str, Any]) -> CheckpointConfig:

@@ -1,11 +1,13 @@
 """Taking a checkpoint: capture the registered state, copy what changed, commit it in the background.
 
 On the training thread, :meth:`Saver.save` captures the state tree and the live tensors
-(:mod:`weightslab.state`), and the snapshotter copies the tensors that changed into reusable host
-buffers (:mod:`weightslab.snapshot`); that copy is all the training loop waits for. The rest runs on
-the background writer (:mod:`weightslab.writer`), in order: the sharded tensors of a distributed job
-are awaited, the snapshot becomes blobs and the manager commits pack and manifest
-(:mod:`weightslab.storage.manager`), then retention runs, and a remote root gets the upload.
+(:mod:`weightslab.state`), and the snapshotter copies every tensor into reusable host buffers
+(:mod:`weightslab.snapshot`): parameters and optimizer state in the background with ``overlap`` (the
+system calls :meth:`Saver.settle` before the next step may change them), the rest at once. The
+rest runs on the background writer (:mod:`weightslab.writer`), in order: the copy and the sharded
+tensors of a distributed job are awaited, the snapshot becomes blobs, the manager commits pack and
+manifest (:mod:`weightslab.storage.manager`; a tensor whose digest the root holds costs no bytes),
+a remote root gets the upload, then retention runs.
 
 In a distributed job every rank takes part in a save (it was agreed at the boundary): each rank's own
 state travels to rank 0 (:meth:`~weightslab.distributed.job.Job.exchange_own`), every rank writes its sharded
@@ -49,7 +51,7 @@ class Saver:
     """
 
     def __init__(self, ledger: Ledger, manager: CheckpointManager, job: Job, failures: Failures, writer: Writer, *,
-                 backpressure: str = "block", retention: Retention | None = None, full_check_every: int = 10,
+                 backpressure: str = "block", retention: Retention | None = None, overlap: bool = True,
                  clock: Callable[[], float] = time.monotonic):
         self._ledger = ledger
         self._manager = manager
@@ -59,7 +61,9 @@ class Saver:
         self._backpressure = backpressure
         self._retention = retention if retention is not None and not retention.keeps_everything else None
         self._clock = clock
-        self.snapshotter = Snapshotter(full_check_every=full_check_every)
+        self._overlap = overlap
+        self.snapshotter = Snapshotter()
+        self._in_flight: Snapshot | None = None  # the last snapshot whose copy may still be running
         self.run = uuid.uuid4().hex[:12]  # names this process's run in every manifest it writes
         self._saved: set[tuple[str, int]] = set()  # (experiment, step) saved by this run
         self._last_save = clock()
@@ -156,7 +160,7 @@ class Saver:
                                 for k, t in sharded.items()}}
                 for key in sharded:
                     del captured.tensors[key]
-            snap = self.snapshotter.take(captured.tensors)
+            snap = self.snapshotter.take(captured.tensors, later=captured.step_only if self._overlap else ())
         except Exception as exc:
             self._failures.fail(f"checkpoint {ref}", exc)
             return False
@@ -165,9 +169,10 @@ class Saver:
                        metrics=dict(metrics or {}), tree=captured.tree, run=self.run, resumed_from=resumed_from,
                        created=created, created_ns=created_ns, versions=versions())
         if skipping and not job.distributed and not sharded and not self._writer.has_room(snap.copied_bytes):
-            self.snapshotter.failed(snap)
             self.snapshotter.release(snap)
             return self._skip(ref)
+        if snap.in_flight:
+            self._in_flight = snap
         self.mark_saved(experiment.hash, step)
         self._last_save = self._clock()
         if strict:
@@ -192,14 +197,9 @@ class Saver:
         try:
             if shards is not None:  # the sharded tensors first: durable on every rank when this returns
                 request["tree"]["sharded"]["files"] = shards.result().to_json()
-            manifest, refs = self._manager.commit(SaveRequest(**request, tensors=snap.entries(), blobs=snap.blobs(),
-                                                              reused=snap.reused_refs()))
-        except BaseException:
-            self.snapshotter.failed(snap)  # later saves must copy what this one did not store
-            self.snapshotter.release(snap)
-            raise
-        self.snapshotter.committed(snap, refs)
-        self.snapshotter.release(snap)  # its buffers serve the next snapshots
+            manifest, _ = self._manager.commit(SaveRequest(**request, tensors=snap.entries(), blobs=snap.blobs()))
+        finally:
+            self.snapshotter.release(snap)  # its buffers serve the next snapshots
         if self._manager.remote is None or self._push(manifest):  # (never prune remotely what is not up yet)
             self._apply_retention(manifest)
         log.debug("committed checkpoint %s (%s, %d tensors, %d bytes)", manifest.ref, ", ".join(manifest.reasons),
@@ -245,16 +245,22 @@ class Saver:
 
     # --- after a resume ---------------------------------------------------------------------------
     def learn_restored(self, manifest: Manifest, loaded: Mapping[str, Any]) -> None:
-        """The models and optimizers now hold exactly the restored blobs: the next save reuses them
-        instead of copying and hashing everything again (and a delta is taken against them)."""
-        live = _state.live_tensors(self._ledger)
-        refs = {k: e.blob for k, e in manifest.tensors.items() if k in live}
-        self.snapshotter.seed(live, refs)
+        """The models and optimizers now hold exactly the restored blobs: with ``delta``, the next
+        save stores what changed as deltas against them."""
+        refs = {k: e.blob for k, e in manifest.tensors.items() if k.startswith(("models/", "optimizers/"))}
         self._manager.remember({k: blob_of(k, loaded[k]) for k in refs if k in loaded}, refs)
 
     # --- waiting ----------------------------------------------------------------------------------
+    def settle(self) -> None:
+        """Right before the next step may change parameters or optimizer state: wait for the
+        background copy of the last save's (on a GPU, the training stream waits, not the host)."""
+        snap, self._in_flight = self._in_flight, None
+        if snap is not None:
+            snap.before_mutation()
+
     def wait(self) -> None:
         """Until every save taken so far is durable (failures are kept, not raised)."""
+        self.settle()
         self._writer.wait()
         self.wait_shards()
 
@@ -272,6 +278,7 @@ class Saver:
 
     def close(self) -> None:
         """Finish every queued save, stop the writer, free the snapshot buffers."""
+        self.settle()
         self._writer.close()
         self.wait_shards()
-        self.snapshotter.pool.clear()
+        self.snapshotter.close()

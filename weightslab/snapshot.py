@@ -1,49 +1,56 @@
-"""A consistent copy of the tensors of a checkpoint, taken on the training thread, of what changed.
+"""A consistent copy of every tensor of a checkpoint, for the background writer to store.
 
-Training goes on mutating its tensors the moment a save returns, so the background writer must
-work on a copy. Copying (and later hashing) every tensor at every save is the cost that makes
-checkpoints expensive, and most of it is wasted on tensors that did not change: frozen layers,
-buffers, the optimizer state of frozen parameters. The :class:`Snapshotter` remembers, for each
-tensor it stored, a cheap signal of its identity and content -- the same live tensor object, its
-version counter (which every in-place operation bumps), its data pointer and layout -- and the blob
-the writer stored it in. When the signal still holds, the new checkpoint reuses that blob and
-nothing is copied, hashed or written.
+Training goes on mutating its tensors the moment a save returns, so the writer must work on a copy.
+Every tensor is copied at every save, whatever it is: whether it changed is decided later, by the
+writer, from the digest of the bytes actually copied (the store keeps one blob per digest, so a
+frozen layer costs no disk bytes however often it is saved). Nothing is reused on a cheaper signal:
+a version counter does not move when a tensor is written through ``.data`` or a numpy view, and a
+sample of its bytes misses a sparse write, so either would let a checkpoint hold stale bytes.
 
-The signal is never trusted blindly. Writes through ``tensor.data`` or a numpy view do not bump
-the version counter, so every reused tensor is also checked against a sample of its bytes taken
-when it was stored, and every ``full_check_every``-th save copies and hashes everything: a tensor
-that changed behind its version counter is then caught, reported once, and copied at every save
-from then on.
+What the copy costs the training loop is hidden instead. Parameters and optimizer state change only
+in an optimizer step (``later`` keys): their copy runs in the background, on a copier thread (a CPU
+``copy_`` releases the GIL) or on a side CUDA stream into pinned buffers, while the next forward and
+backward run; the checkpoint system waits for it (:meth:`Snapshot.copied`) right before the next
+mutation: the next optimizer step, or the next forward when no optimizer is hooked. Everything else
+(buffers a forward updates, random generators, positions) is copied at once. A step-only tensor
+changed by an in-place torch operation while its copy was in flight is caught by its version
+counter, and that checkpoint fails instead of holding a torn copy (a write through ``.data`` or a
+numpy view between the boundary and the next optimizer step is not seen: such loops pass
+``overlap=False``).
+
+Copies go into host buffers leased from a :class:`BufferPool` and given back when the writer has
+stored them: a copy into memory touched before runs at memory speed, one into fresh memory pays a
+page fault per page (30 times slower here).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
-import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping
 
 import torch
 
+from .errors import CheckpointSaveError
 from .tensors import blob_of, dtype_tag
 
 if TYPE_CHECKING:
-    from .storage.store import Blob, BlobRef
+    from .storage.store import Blob
 
-__all__ = ["take", "copies_done", "BufferPool", "Snapshot", "Snapshotter", "Signal", "Slot"]
+__all__ = ["BufferPool", "Snapshot", "Snapshotter", "TornCopyError"]
 
 log = logging.getLogger(__name__)
 
-class BufferPool:
-    """Host buffers reused from one snapshot to the next.
 
-    A copy into memory the process touched before runs at memory speed (about 18 GB/s here); a
-    copy into freshly allocated memory pays a page fault per 4 KiB page on the way (about 0.6 GB/s
-    here, 30 times slower), so fresh buffers at every save were most of what a save cost the
-    training loop. Buffers are leased to a snapshot and given back when the writer has stored it;
-    they are pinned when the source is on a GPU, so the copy is asynchronous.
-    """
+class TornCopyError(CheckpointSaveError):
+    """A step-only tensor changed in place while its background copy was in flight."""
+
+
+class BufferPool:
+    """Host buffers reused from one snapshot to the next; pinned when the source is on a GPU, so
+    that the copy is asynchronous."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -75,104 +82,54 @@ class BufferPool:
             self._free.clear()
 
 
-def take(tensors: Mapping[str, torch.Tensor], pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
-    """Copy every tensor into a contiguous CPU tensor (leased from ``pool`` when given); aliases
-    share one copy. Copies from a GPU are asynchronous: wait for :func:`copies_done` before
-    reading them."""
-    copies: dict[str, torch.Tensor] = {}
-    by_identity: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        dtype_tag(tensor.dtype, key=key)  # fail before copying anything
-        t = tensor.detach()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
-            if t.device.type != "meta" else None
-        copy = by_identity.get(ident) if ident is not None else None
-        if copy is None:
-            copy = pool.lease(t) if pool is not None else torch.empty(t.shape, dtype=t.dtype, device="cpu")
-            copy.copy_(t, non_blocking=copy.is_pinned())
-            if ident is not None:
-                by_identity[ident] = copy
-        copies[key] = copy
-    return copies
-
-
-def copies_done(tensors: Mapping[str, torch.Tensor]) -> Any:
-    """An event the writer waits on before reading copies made from a GPU (None if none were)."""
-    if torch.cuda.is_available() and any(t.is_cuda for t in tensors.values()):
-        event = torch.cuda.Event()
-        event.record()  # after the non-blocking copies queued on the current stream
-        return event
-    return None
-
-
-_SAMPLE = 16  # elements compared per reused tensor
-
-
-def _layout(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
-
-
-def _sample(t: torch.Tensor) -> torch.Tensor:
-    """A few elements spread over the tensor, as CPU bytes (compared bitwise, so NaN == NaN)."""
-    flat = t.detach().reshape(-1)
-    n = flat.numel()
-    if n > _SAMPLE:  # a strided view: no gather kernel needed, works for every dtype
-        flat = flat[:: n // _SAMPLE][:_SAMPLE]
-    return flat.to("cpu", copy=True).contiguous().view(torch.uint8)
-
-
-@dataclass
-class Signal:
-    """What was known about one tensor when it was copied."""
-
-    tensor: weakref.ref
-    version: int
-    layout: tuple
-    sample: torch.Tensor | None  # None until the copy is complete (asynchronous GPU copies)
-
-    @classmethod
-    def of(cls, live: torch.Tensor, copy: torch.Tensor | None) -> "Signal":
-        return cls(weakref.ref(live), live._version, _layout(live), _sample(copy) if copy is not None else None)
-
-    def holds_for(self, live: torch.Tensor) -> bool:
-        return (self.sample is not None and self.tensor() is live and live._version == self.version
-                and _layout(live) == self.layout and torch.equal(_sample(live), self.sample))
-
-
-class Slot:
-    """Where a copied tensor will be stored: filled by the writer when its save commits.
-
-    The writer commits saves in order, so a later save that reuses this slot finds it filled
-    (or failed) by the time the writer gets to it, even if it was taken before the commit.
-    """
-
-    __slots__ = ("ref", "failed")
-
-    def __init__(self) -> None:
-        self.ref: "BlobRef | None" = None
-        self.failed = False
+_Item = tuple[torch.Tensor, int, torch.Tensor, list[str]]  # (live tensor, its version at the boundary, buffer, keys)
 
 
 @dataclass
 class Snapshot:
-    """One checkpoint's tensors: fresh copies of what changed, stored blobs of what did not."""
+    """One checkpoint's tensors, copied (some perhaps still being copied in the background)."""
 
-    copies: dict[str, torch.Tensor] = field(default_factory=dict)
-    slots: dict[str, Slot] = field(default_factory=dict)  # for the copies: filled at commit
-    reused: dict[str, Slot] = field(default_factory=dict)  # unchanged tensors: the slot of their last copy
-    expected: dict[str, Slot] = field(default_factory=dict)  # full check: what the signal vouched for
+    copies: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> CPU buffer (aliases share one)
     meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)  # every key
-    signals: dict[str, "Signal"] = field(default_factory=dict)  # for the copies
-    ready: Any = None  # a CUDA event to wait for before reading copies made from a GPU
+    pending: concurrent.futures.Future | None = None  # the copier thread's copy, until it is done
+    ready: Any = None  # a CUDA event after the copies of the training thread's stream, if any
+    side: Any = None  # a CUDA event after the copies queued on the side stream, if any
+    later: list[_Item] = field(default_factory=list)  # what is copied in the background
+    torn: TornCopyError | None = None  # found by before_mutation (GPU copies)
 
-    def wait_ready(self) -> None:
-        if self.ready is not None:
-            self.ready.synchronize()
+    def copied(self) -> None:
+        """Return once every copy is complete; raise :class:`TornCopyError` (or the copy's own
+        error) if the background copy failed. The writer calls this before reading."""
+        if self.pending is not None:
+            self.pending.result()
+        if self.side is not None:
+            self.side.synchronize()
+        if self.torn is not None:
+            raise self.torn
+
+    def before_mutation(self) -> None:
+        """Right before the next step may change step-only tensors: wait for their background copy
+        (on a GPU, make the training stream wait for the side stream's copies: no host sync). Never
+        raises: a torn copy fails the checkpoint in the writer, not the training step."""
+        if self.pending is not None:
+            concurrent.futures.wait([self.pending])
+        if self.side is not None and self.torn is None:
+            torch.cuda.current_stream().wait_event(self.side)
+            # Versions move when an operation is queued: anything queued since the boundary ran
+            # (or may run) beside the copy.
+            self.torn = _torn(self.later)
+        self.later = []
+
+    @property
+    def in_flight(self) -> bool:
+        return bool(self.later)
 
     def blobs(self) -> dict[str, "Blob"]:
-        """The copies as the store takes them (their bytes, not copied again); GPU copies are
-        waited for first. Called by the writer, off the training thread."""
-        self.wait_ready()
+        """The copies as the store takes them (their bytes, not copied again), once complete.
+        Called by the writer, off the training thread."""
+        self.copied()
+        if self.ready is not None:
+            self.ready.synchronize()
         return {key: blob_of(key, tensor) for key, tensor in self.copies.items()}
 
     def entries(self) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -181,101 +138,129 @@ class Snapshot:
 
     @property
     def copied_bytes(self) -> int:
-        return sum(t.nbytes for t in self.copies.values())
-
-    def reused_refs(self) -> dict[str, "BlobRef"]:
-        """The stored blobs of the unchanged tensors (their saves must have committed)."""
-        out = {}
-        for key, slot in self.reused.items():
-            if slot.ref is None:
-                raise RuntimeError(f"tensor {key!r} was unchanged since a save that failed, so its bytes were "
-                                   "never stored; the next checkpoint copies it again")
-            out[key] = slot.ref
-        return out
+        return sum({id(t): t.nbytes for t in self.copies.values()}.values())
 
 
 class Snapshotter:
-    """Takes snapshots on the training thread; learns from the writer which blob holds what."""
+    """Takes snapshots: the copy of ``later`` tensors in the background, the rest at once."""
 
-    def __init__(self, *, full_check_every: int = 10):
-        if full_check_every < 0:
-            raise ValueError(f"full_check_every must be >= 0 (0: never), got {full_check_every}")
-        self.full_check_every = full_check_every
+    def __init__(self) -> None:
         self.pool = BufferPool()
-        self._lock = threading.Lock()
-        self._known: dict[str, tuple[Signal, Slot]] = {}
-        self._distrusted: set[str] = set()
-        self._count = 0
+        self._threads: list[threading.Thread] = []  # copier threads that may still run
+        self._stream: Any = None  # the side CUDA stream, once needed
 
-    def take(self, tensors: Mapping[str, torch.Tensor]) -> Snapshot:
-        """Copy what changed since it was last copied; reuse the stored blob of the rest."""
-        self._count += 1
-        full = self.full_check_every > 0 and self._count % self.full_check_every == 0
+    def take(self, tensors: Mapping[str, torch.Tensor], *, later: Collection[str] = ()) -> Snapshot:
+        """Copy ``tensors``; those whose keys are in ``later`` (and every alias of them) are copied
+        in the background: wait for :meth:`Snapshot.copied` before the next step changes them."""
         snap = Snapshot()
-        to_copy: dict[str, torch.Tensor] = {}
-        with self._lock:
-            known = dict(self._known)
-            distrusted = set(self._distrusted)
+        groups: dict[tuple, tuple[torch.Tensor, list[str]]] = {}  # storage identity -> (tensor, keys)
         for key, tensor in tensors.items():
-            snap.meta[key] = (tensor.dtype, tuple(tensor.shape))
-            entry = known.get(key) if key not in distrusted else None
-            if entry is not None and not entry[1].failed and entry[0].holds_for(tensor):
-                if not full:
-                    snap.reused[key] = entry[1]
-                    continue
-                snap.expected[key] = entry[1]  # a full check: copy anyway, compare digests at commit
-            to_copy[key] = tensor
-        snap.copies = take(to_copy, self.pool)
-        snap.ready = copies_done(to_copy)
-        snap.slots = {k: Slot() for k in to_copy}
-        sync = snap.ready is None  # CPU copies are complete: sample them now; GPU ones at commit
-        snap.signals = {k: Signal.of(to_copy[k], snap.copies[k] if sync else None) for k in to_copy}
-        with self._lock:
-            for key in to_copy:
-                self._known[key] = (snap.signals[key], snap.slots[key])
+            dtype_tag(tensor.dtype, key=key)  # fail before copying anything
+            t = tensor.detach()
+            snap.meta[key] = (t.dtype, tuple(t.shape))
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                     t.dtype, t.device) if t.device.type != "meta" else (key,)
+            groups.setdefault(ident, (t, []))[1].append(key)
+        now: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for live, keys in groups.values():
+            buffer = self.pool.lease(live)
+            for key in keys:
+                snap.copies[key] = buffer
+            # An alias of something the forward may change is copied now, with it.
+            if later and all(k in later for k in keys):
+                snap.later.append((live, live._version, buffer, keys))
+            else:
+                now.append((live, buffer))
+        for live, buffer in now:
+            buffer.copy_(live, non_blocking=buffer.is_pinned())
+        if any(live.is_cuda for live, _ in now):
+            snap.ready = torch.cuda.Event()
+            snap.ready.record()  # after the non-blocking copies queued on the current stream
+        on_gpu = [item for item in snap.later if item[0].is_cuda]
+        on_cpu = [item for item in snap.later if not item[0].is_cuda]
+        if on_gpu:
+            snap.side = self._queue_on_side_stream(on_gpu)
+        if on_cpu:
+            snap.pending = self._copy_in_background(on_cpu)
         return snap
 
-    def committed(self, snap: Snapshot, refs: Mapping[str, "BlobRef"]) -> None:
-        """The writer stored ``snap``: fill the slots of its copies with where they went."""
-        for key, signal in snap.signals.items():
-            if signal.sample is None:  # copied from a GPU: the copy is complete now
-                signal.sample = _sample(snap.copies[key])
-        for key, slot in snap.slots.items():
-            slot.ref = refs[key]
-        for key, ref in refs.items():  # reused blobs the store found moved (gc rewrote their pack)
-            if key in snap.reused and snap.reused[key].ref != ref:
-                snap.reused[key].ref = ref
-        with self._lock:
-            for key, vouched in snap.expected.items():
-                if vouched.ref is not None and vouched.ref.digest != refs[key].digest and key not in self._distrusted:
-                    self._distrusted.add(key)
-                    log.warning("tensor %r changed without its version counter moving (written through .data or "
-                                "a numpy view?); weightslab copies it at every save from now on", key)
+    def _copy_in_background(self, items: list[_Item]) -> concurrent.futures.Future:
+        """A thread of its own per snapshot (a daemon: it never holds the interpreter's exit; the
+        writer waits for it before reading). At interpreter exit no thread may start: copy here."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
 
-    def failed(self, snap: Snapshot) -> None:
-        """``snap`` was not stored: saves that would reuse its copies must copy again."""
-        with self._lock:
-            for key, slot in snap.slots.items():
-                slot.failed = True
-                if key in self._known and self._known[key][1] is slot:
-                    del self._known[key]
+        def run() -> None:
+            try:
+                _copy(items)
+            except BaseException as exc:  # noqa: BLE001 - raised to whoever waits for the copy
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
 
-    def seed(self, tensors: Mapping[str, torch.Tensor], refs: Mapping[str, "BlobRef"]) -> None:
-        """After a resume: the live tensors now hold exactly these stored blobs."""
-        with self._lock:
-            for key, ref in refs.items():
-                live = tensors.get(key)
-                if live is not None:
-                    slot = Slot()
-                    slot.ref = ref
-                    self._known[key] = (Signal.of(live, live.detach()), slot)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        thread = threading.Thread(target=run, name="weightslab-copier", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # the interpreter is shutting down (the final save at exit)
+            run()
+        else:
+            self._threads.append(thread)
+        return future
+
+    def _queue_on_side_stream(self, items: list[_Item]) -> Any:
+        """Queue GPU -> pinned host copies on a side stream, after what the training stream queued so
+        far (the step that made the tensors): they run beside the next forward and backward."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            for live, _, buffer, _ in items:
+                buffer.copy_(live, non_blocking=buffer.is_pinned())
+                live.record_stream(self._stream)  # (not freed and reused before the copy ran)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return event
 
     def release(self, snap: Snapshot) -> None:
-        """The writer is done with ``snap``: its buffers serve the next snapshots."""
+        """The writer is done with ``snap`` (stored or failed): its buffers serve the next snapshots."""
+        try:
+            snap.copied()
+        except BaseException:  # noqa: BLE001 - reported by whoever read the snapshot; the buffers are free
+            pass
         self.pool.give_back({id(t): t for t in snap.copies.values()}.values())  # aliases once
         snap.copies = {}
 
-    def forget(self) -> None:
-        """Forget every stored blob (copy everything at the next save)."""
-        with self._lock:
-            self._known.clear()
+    def close(self) -> None:
+        """Wait for the copies in flight and free the buffers."""
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+        self.pool.clear()
+
+
+def _copy(items: list[_Item]) -> None:
+    """On the copier thread: each copy, then the check that its tensor did not change in place
+    before the copy was complete (a change after it does not matter)."""
+    torn = []
+    for live, version, buffer, keys in items:
+        buffer.copy_(live)
+        if live._version != version:
+            torn.append(keys[0])
+    error = _torn_error(torn)
+    if error is not None:
+        raise error
+
+
+def _torn(items: list[_Item]) -> TornCopyError | None:
+    return _torn_error([keys[0] for live, version, _, keys in items if live._version != version])
+
+
+def _torn_error(torn: list[str]) -> TornCopyError | None:
+    if torn:
+        shown = ", ".join(torn[:3]) + (f" and {len(torn) - 3} more" if len(torn) > 3 else "")
+        return TornCopyError(
+            f"{shown} changed in place while its copy was in flight, between the step boundary and the next "
+            "optimizer step (or forward, without a hooked optimizer); this checkpoint would not hold the state "
+            "of its step, so it is not committed. If your loop changes parameters there on purpose, pass "
+            "overlap=False to the checkpoint system")
+    return None

@@ -24,7 +24,7 @@ from . import hyperparams as _hp
 from .canonical import canonical_json
 from .errors import ArchitectureMismatchError, StateError
 
-__all__ = ["Captured", "capture", "capture_early", "capture_own", "capture_replicated", "live_tensors", "restore", "check_compatible", "RestoreReport"]
+__all__ = ["Captured", "capture", "capture_early", "capture_own", "capture_replicated", "restore", "check_compatible", "RestoreReport"]
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 class Captured:
     tree: dict[str, Any]
     tensors: dict[str, torch.Tensor]  # live tensors: copy them before training continues
+    #: Keys of the tensors only an optimizer step changes: the models' parameters and the optimizers'
+    #: per-parameter state (not buffers, which a forward updates, nor tensors in param groups, which
+    #: a scheduler may fill). Their copy may run beside the next forward and backward.
+    step_only: set[str] = field(default_factory=set)
 
     def to_bytes(self) -> bytes:
         """One safetensors document holding the tensors (copied to the CPU) and the tree in its
@@ -84,6 +88,12 @@ def capture(ledger: Ledger, *, step: int, early: Mapping[str, Any] | None = None
     return captured
 
 
+def _step_only(ledger: Ledger, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    parameters = {id(p) for model in ledger.objects("model").values() for p in model.parameters()}
+    return {key for key, t in tensors.items()
+            if id(t) in parameters or (key.startswith("optimizers/") and key.split("/")[2:3] == ["state"])}
+
+
 def capture_replicated(ledger: Ledger, *, step: int) -> Captured:
     """The sections of the state that are the same on every rank of a data-parallel job (or
     sharded across them): models, optimizers, schedulers, scalers, hyperparameters."""
@@ -101,7 +111,7 @@ def capture_replicated(ledger: Ledger, *, step: int) -> Captured:
         name: enc(_hp.to_plain(obj, where=f"hyperparameters {name!r}"), f"hyperparams/{name}",
                   f"hyperparameters {name!r}")
         for name, obj in ledger.objects("hyperparams").items()}
-    return Captured(tree=tree, tensors=tensors)
+    return Captured(tree=tree, tensors=tensors, step_only=_step_only(ledger, tensors))
 
 
 def _model_tree(name: str, model: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -113,17 +123,6 @@ def _model_tree(name: str, model: Any, tensors: dict[str, torch.Tensor]) -> dict
         "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
         "eval": [n for n, m in model.named_modules() if not m.training],
     }
-
-
-def live_tensors(ledger: Ledger) -> dict[str, torch.Tensor]:
-    """The live tensors of the registered models and optimizers, keyed as :func:`capture` keys them
-    (what a resume just loaded into them)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, model in ledger.objects("model").items():
-        _model_tree(name, model, tensors)
-    for name, opt in ledger.objects("optimizer").items():
-        codec.encode(opt.state_dict(), path=f"optimizers/{name}", tensors=tensors, what=f"optimizer {name!r}")
-    return tensors
 
 
 def capture_own(ledger: Ledger, *, early: Mapping[str, Any] | None = None, prefix: str = "") -> Captured:

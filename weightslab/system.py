@@ -96,14 +96,15 @@ class AutomaticCheckpointSystem:
             raise ConfigError(str(exc)) from exc
         writer = Writer(max_pending=config.max_pending_saves, max_pending_bytes=config.max_pending_bytes)
         self._failures = Failures(writer, strict=config.strict)
+        # (overlap needs the hooks: they are where the copy is waited for before the next step)
         self._saver = Saver(ledger, self.manager, self._job, self._failures, writer, backpressure=config.backpressure,
-                            retention=config.retention, full_check_every=config.full_check_every, clock=clock)
+                            retention=config.retention, overlap=config.overlap and config.hook_optimizer, clock=clock)
         self._lineage = Lineage(ledger, self.manager, self._failures, exclude_keys=config.exclude_keys,
                                 resume_mode=config.resume, file_record=self._saver.file_record,
                                 saved=self._saver.saved)
         self._restorer = Restorer(ledger, self.manager, self._job, self._failures, rank_state=config.rank_state)
         self._clock = StepClock(hooks=config.hook_optimizer, lock=self._lock, on_boundary=self._implicit_boundary,
-                                on_forward=self._forward)
+                                on_forward=self._forward, on_step=self._saver.settle)
         self._watch = ConfigWatch(mode=config.watch_files)
         self._policy = SavePolicy(every_steps=config.checkpoint_frequency, every_seconds=config.every_seconds)
         self._binding = OptimizerBinding(config.optimizer_keys)
@@ -214,6 +215,8 @@ class AutomaticCheckpointSystem:
         self._boundary(step, metrics=None, defer=True)
 
     def _forward(self) -> None:
+        if not self._clock.hooked_optimizers:  # (parameters change by hand after this forward)
+            self._saver.settle()
         if self._auto_resume_due:
             self._auto_resume()
         if self._clock.deferred is not None and not self._closed:
@@ -244,6 +247,7 @@ class AutomaticCheckpointSystem:
                     self._start_step, step)
         with self._lock:
             self._check_open()
+            self._saver.settle()
             self._complete_deferred()
             last = self._clock.last_step
             if last is not None and step < last and not forced:

@@ -57,8 +57,7 @@ class SaveRequest:
     metrics: Mapping[str, Any]
     tree: Mapping[str, Any]
     tensors: Mapping[str, tuple[str, tuple[int, ...]]]  # every tensor key: (dtype name, shape)
-    blobs: Mapping[str, Blob]  # the bytes of the tensors that changed, to store
-    reused: Mapping[str, BlobRef]  # the tensors that did not: where their bytes are stored already
+    blobs: Mapping[str, Blob]  # the bytes of every tensor (the store keeps one blob per digest)
     run: str
     resumed_from: str | None
     created: str
@@ -103,17 +102,6 @@ class VerifyReport:
                  + ("all verify" if self.ok else f"{len(self.damaged)} damaged")]
         lines += [f"  {ref}: {why}" for ref, why in self.damaged]
         return "\n".join(lines)
-
-
-def _relocated(ref: BlobRef, moved: Mapping[str, BlobRef]) -> BlobRef:
-    """``ref`` with the blobs of its chain that garbage collection moved pointed at their new place."""
-    if ref.digest in moved:
-        return moved[ref.digest]
-    if ref.base is not None:
-        base = _relocated(ref.base, moved)
-        if base is not ref.base:
-            return dataclasses.replace(ref, base=base)
-    return ref
 
 
 _CREATED_RE = re.compile(rb'"created_ns":\s*(\d+)')
@@ -212,18 +200,15 @@ class CheckpointManager:
         self._written_experiments.add(h)
 
     def commit(self, request: SaveRequest) -> tuple[Manifest, dict[str, BlobRef]]:
-        """Make one checkpoint durable: the pack of what changed first, then the manifest (the
-        commit point). Returns the manifest and where each tensor is stored."""
+        """Make one checkpoint durable: the pack of the blobs the root does not hold yet first, then
+        the manifest (the commit point). Returns the manifest and where each tensor is stored."""
         self.write_experiment(request.experiment)
         keys = list(request.blobs)
         blobs = [dataclasses.replace(blob, base=self._delta_base(key, blob)) for key, blob in request.blobs.items()]
-        # Shared lock: garbage collection cannot delete a blob between our choice to reuse it and
-        # the commit of the manifest that references it.
+        # Shared lock: garbage collection cannot delete a blob between the store finding it (an
+        # unchanged tensor costs no bytes) and the commit of the manifest that references it.
         with self.store.lock(exclusive=False):
-            moved = self.store.revalidate(request.reused.values())
             refs = dict(zip(keys, self.store.put(blobs)))
-            for key, ref in request.reused.items():
-                refs[key] = _relocated(ref, moved)
             manifest = self._manifest(request, refs)
             atomic_write(self.layout.manifest(manifest.experiment, manifest.step), manifest.to_bytes())
         if self.delta:

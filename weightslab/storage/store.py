@@ -358,6 +358,8 @@ class BlobStore:
         for blob, view, digest in zip(blobs, views, digests):
             if digest in refs or digest in new:
                 continue
+            # (a pack that garbage collection deleted since the index saw it is not found: the
+            # index checks that the pack still exists, and the bytes are stored again)
             existing = self.index.lookup(digest, rescan=False) if dedupe else None
             if existing is not None:
                 refs[digest] = existing
@@ -428,26 +430,6 @@ class BlobStore:
                 itemsize=item.itemsize if item.encoding != "raw" else 1, base=item.base, check=item.check)
         self.index.add(refs.values())
         return refs
-
-    def revalidate(self, refs: Iterable[BlobRef]) -> dict[str, BlobRef]:
-        """Check that blobs chosen for reuse still exist; return updated locations for moved ones.
-
-        Raises :class:`CorruptCheckpointError` for a blob that no pack holds any more.
-        """
-        moved: dict[str, BlobRef] = {}
-        checked: dict[str, bool] = {}
-        for ref in refs:
-            for link in ref.chain():
-                if link.pack not in checked:
-                    checked[link.pack] = self.layout.pack(link.pack).exists()
-                if not checked[link.pack] and link.digest not in moved:
-                    found = self.index.lookup(link.digest)
-                    if found is None:
-                        raise CorruptCheckpointError(
-                            f"blob {link.digest} is gone from the store (pack {link.pack} was deleted and no "
-                            "other pack holds it); the next checkpoint will store it again", path=self.layout.pack(link.pack))
-                    moved[link.digest] = found
-        return moved
 
     # --- reading ----------------------------------------------------------------------------
     def pack_path(self, ref: BlobRef) -> Path:
