@@ -87,3 +87,13 @@ def test_killed_mid_epoch_with_loader_workers_and_two_models_resumes_exactly(tmp
     stdout = train(root, out, *args)
     assert start_of(stdout) == 20
     assert_same(straight, out)
+
+
+def test_killed_while_a_background_copy_is_in_flight_resumes_exactly_from_the_previous_checkpoint(
+        tmp_path: Path, straight: Path) -> None:
+    root, out = tmp_path / "root", tmp_path / "final"
+    kill_when(spawn(root, out, "--slow-copy-at", "25"), "COPYING")  # step 25's copy had not finished
+    assert assert_root_consistent(root)[-1] == 20  # nothing of step 25 committed; 20 intact
+    stdout = train(root, out)
+    assert start_of(stdout) == 20
+    assert_same(straight, out)

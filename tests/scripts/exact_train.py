@@ -14,6 +14,9 @@ written in a canonical byte form so two runs can be compared byte for byte.
           of 8 batches, so kills land mid-epoch; --two-models adds a second model and optimizer.
 --ballast MB: a registered buffer of that size changed at every step, so every save writes it and
           takes long enough for kills to land in the middle of writes.
+--slow-copy-at N: the background copy of the first layer's weight at the save of step N takes
+          minutes: the script prints COPYING once checkpoint_on_step(N) returned (the copy is in
+          flight) and blocks on stdin (the test kills it there).
 """
 
 import argparse
@@ -21,6 +24,8 @@ import json
 import random
 import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import torch
@@ -44,6 +49,7 @@ parser.add_argument("--loader", action="store_true")
 parser.add_argument("--workers", type=int, default=2)
 parser.add_argument("--two-models", action="store_true")
 parser.add_argument("--ballast", type=float, default=0.0)
+parser.add_argument("--slow-copy-at", type=int, default=None)
 args = parser.parse_args()
 
 if args.user_handler:
@@ -60,6 +66,21 @@ torch.manual_seed(3)
 
 model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 32), nn.Tanh(),
                       nn.Dropout(0.1), nn.Linear(32, 4))
+SLOW = {"copy": False}
+
+
+class SlowToCopy(nn.Parameter):
+    """The same parameter, whose copy by weightslab's copier thread blocks while SLOW["copy"]."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_ and SLOW["copy"] and threading.current_thread().name == "weightslab-copier":
+            time.sleep(600)
+        return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs or {})
+
+
+if args.slow_copy_at is not None:
+    model[0].weight = SlowToCopy(model[0].weight.detach().clone())
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.5)
 scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
@@ -119,9 +140,13 @@ for step in range(start + 1, args.steps + 1):
         ballast.weight.add_(1.0)
     counter["seen"] += 16
     counter["history"].append(round(loss.item(), 6))
+    SLOW["copy"] = step == args.slow_copy_at
     if not args.implicit:
         wl.checkpoint_on_step(step, metrics={"loss": loss.item()})
     print("STEP", step, flush=True)
+    if step == args.slow_copy_at:
+        print("COPYING", flush=True)
+        sys.stdin.readline()  # the test kills the process while the copy is in flight
     if step == args.pause_at:
         system.wait()
         print("READY", flush=True)
