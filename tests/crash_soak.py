@@ -115,9 +115,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="steps of the training run (more kills -> more runs)")
     parser.add_argument("--implicit", action="store_true", help="no checkpoint_on_step: the optimizer hook")
     parser.add_argument("--ballast", type=float, default=8.0, help="MB written at every save")
+    parser.add_argument("--page-cache", action="store_true",
+                        help="write packs through the page cache (slower writes: more kills land in them)")
     args = parser.parse_args()
     train_args = ["--steps", str(args.steps), "--frequency", "1", "--loader", "--two-models",
-                  "--ballast", str(args.ballast)] + (["--implicit"] if args.implicit else [])
+                  "--ballast", str(args.ballast)] + (["--implicit"] if args.implicit else []) + \
+        (["--page-cache"] if args.page_cache else [])
     done, rounds, start = 0, 0, time.perf_counter()
     while done < args.kills:
         with tempfile.TemporaryDirectory(prefix="weightslab-soak-") as tmp:

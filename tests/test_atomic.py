@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from weightslab.storage.atomic import TEMP_PREFIX, atomic_write, fsync_dir, make_dirs, sweep_temp_files, temp_path_for
+from weightslab.storage.atomic import (TEMP_PREFIX, DirectFile, Disk, atomic_write, fsync_dir, make_dirs,
+                                      sweep_temp_files, temp_path_for)
 
 DAY = 24 * 3600
 
@@ -310,3 +311,30 @@ def test_sweep_leaves_nothing_of_a_failed_atomic_write_by_current_process(tmp_pa
     tmp.rename(orphan)
     assert sweep_temp_files([tmp_path]) == [orphan]
     assert list(tmp_path.iterdir()) == []
+
+
+# --- large files bypass the page cache ----------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes", [[1], [4095, 1, 4097], [3, 9 << 20, 5], [8 << 20], [0, 0]])
+def test_a_direct_write_holds_exactly_the_bytes_given(tmp_path: Path, sizes: list[int]):
+    rng = np.random.default_rng(len(sizes))
+    chunks = [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in sizes]
+    path = tmp_path / "pack.safetensors"
+    assert atomic_write(path, [memoryview(c) for c in chunks], direct=True) == sum(sizes)
+    assert path.read_bytes() == b"".join(chunks)  # padded to whole blocks on disk, truncated back
+    assert not list(tmp_path.glob(f"{TEMP_PREFIX}*"))
+
+
+def test_a_direct_file_is_written_once_and_falls_back_where_o_direct_is_refused(tmp_path: Path):
+    with DirectFile(tmp_path / "once") as f:
+        f.write(b"abc")
+        f.flush()
+        with pytest.raises(ValueError, match="written once"):
+            f.write(b"more")
+    assert (tmp_path / "once").read_bytes() == b"abc"
+    # A filesystem without O_DIRECT gets a plain file: the same bytes, whatever the platform.
+    path = tmp_path / "plain"
+    with Disk().create(path, direct=True) as f:
+        Disk().write(f, b"xyz")
+        Disk().fsync(f)
+    assert path.read_bytes() == b"xyz"

@@ -32,9 +32,9 @@ class FaultyDisk(atomic.Disk):
             if self.calls == self.nth:
                 raise OSError(self.err, os.strerror(self.err))
 
-    def create(self, path):
+    def create(self, path, **how):
         self._step("create", path)
-        return super().create(path)
+        return super().create(path, **how)
 
     def write(self, f, chunk):
         self._step("write", f.name)

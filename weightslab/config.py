@@ -81,6 +81,11 @@ class CheckpointConfig:
     #: model, without a hooked optimizer). Pass False if the loop changes parameters between
     #: ``checkpoint_on_step`` and that point through ``.data`` or numpy (guides/getting-started.md).
     overlap: bool = True
+    #: Write the packs of tensor bytes with O_DIRECT where the filesystem allows it: the page cache
+    #: is bypassed, which cost the writer a tenth of the CPU here and leaves the training data's
+    #: cache alone. False writes through the page cache (a restore right after a save then reads
+    #: from memory).
+    direct_io: bool = True
     #: No longer used: every save copies every tensor, and the store skips what it holds already by
     #: digest (kept so that scripts passing it still run; a warning says so).
     full_check_every: int | None = None
@@ -120,7 +125,7 @@ class CheckpointConfig:
         if freq is not None and (isinstance(freq, bool) or not isinstance(freq, int) or freq < 1):
             raise ConfigError(f"checkpoint_frequency must be a positive integer (save every N steps) or None "
                               f"(save only on changes), got {freq!r}")
-        for name in ("strict", "hook_optimizer", "save_on_close", "overlap"):
+        for name in ("strict", "hook_optimizer", "save_on_close", "overlap", "direct_io"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.max_pending_saves, bool) or not isinstance(self.max_pending_saves, int) \

@@ -91,7 +91,8 @@ class AutomaticCheckpointSystem:
         try:  # (only rank 0 sweeps temporary files: a pid in a file name means nothing on another host)
             self.manager = CheckpointManager(Root.create(config.root_log_dir), compression=config.compression,
                                              delta=config.delta, reanchor_interval=config.reanchor_interval,
-                                             sweep=self._job.rank == 0, best_metric=config.best_metric)
+                                             sweep=self._job.rank == 0, best_metric=config.best_metric,
+                                             direct_io=config.direct_io)
         except ImportError as exc:  # an optional package the settings need: the message names the extra
             raise ConfigError(str(exc)) from exc
         writer = Writer(max_pending=config.max_pending_saves, max_pending_bytes=config.max_pending_bytes)

@@ -14,6 +14,8 @@ written in a canonical byte form so two runs can be compared byte for byte.
           of 8 batches, so kills land mid-epoch; --two-models adds a second model and optimizer.
 --ballast MB: a registered buffer of that size changed at every step, so every save writes it and
           takes long enough for kills to land in the middle of writes.
+--page-cache: write packs through the page cache (direct_io=False): slower writes, so that random
+          kills land in the middle of them more often.
 --slow-copy-at N: the background copy of the first layer's weight at the save of step N takes
           minutes: the script prints COPYING once checkpoint_on_step(N) returned (the copy is in
           flight) and blocks on stdin (the test kills it there).
@@ -50,6 +52,7 @@ parser.add_argument("--workers", type=int, default=2)
 parser.add_argument("--two-models", action="store_true")
 parser.add_argument("--ballast", type=float, default=0.0)
 parser.add_argument("--slow-copy-at", type=int, default=None)
+parser.add_argument("--page-cache", action="store_true")
 args = parser.parse_args()
 
 if args.user_handler:
@@ -87,7 +90,8 @@ scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
 counter = {"seen": 0, "history": []}
 
 system = wl.get_checkpoint_system(root_log_dir=args.root, checkpoint_frequency=args.frequency or None,
-                                  every_seconds=args.every_seconds, preempt_timeout=args.preempt_timeout)
+                                  every_seconds=args.every_seconds, preempt_timeout=args.preempt_timeout,
+                                  direct_io=not args.page_cache)
 wl.register_model("model", model)
 wl.register_optimizer("optimizer", optimizer)
 wl.register_scheduler("scheduler", scheduler)

@@ -143,14 +143,14 @@ class CheckpointManager:
 
     def __init__(self, root: Root | str | os.PathLike[str], *, compression: str = "off", delta: bool = False,
                  reanchor_interval: int = 10, level: int = 1, sweep: bool = True,
-                 best_metric: tuple[str, str] | None = None):
+                 best_metric: tuple[str, str] | None = None, direct_io: bool = True):
         if delta and compression != "zstd":
             raise ValueError("delta=True stores XOR deltas compressed with zstd; set compression='zstd' too")
         if reanchor_interval < 1:
             raise ValueError(f"reanchor_interval must be >= 1, got {reanchor_interval}")
         self._root = root if isinstance(root, Root) else Root(Path(root))
         self.layout = self._root.layout
-        self.store = BlobStore(self.layout, compression=compression, level=level)
+        self.store = BlobStore(self.layout, compression=compression, level=level, direct=direct_io)
         self.delta = delta
         self.reanchor_interval = reanchor_interval
         self._best_metric = best_metric

@@ -316,7 +316,7 @@ class BlobStore:
     given a ``base`` are stored as XOR deltas against it when compression is on.
     """
 
-    def __init__(self, layout: Layout, *, compression: str = "off", level: int = 1):
+    def __init__(self, layout: Layout, *, compression: str = "off", level: int = 1, direct: bool = True):
         if compression not in ("off", "zstd"):
             raise ValueError(f"compression must be 'off' or 'zstd', got {compression!r}")
         if compression == "zstd":
@@ -324,6 +324,7 @@ class BlobStore:
         self.layout = layout
         self.compression = compression
         self.level = level
+        self.direct = direct  # write packs with O_DIRECT where the filesystem allows it
         self.index = BlobIndex(layout)
         # XXH3 checks of what is stored, verified by normal reads; SHA-256 only without xxhash
         self._fast = _fast_checksum()
@@ -420,7 +421,7 @@ class BlobStore:
             make_dirs(path.parent)
             chunks: list[BytesLike] = [struct.pack("<Q", len(header_bytes)), header_bytes]
             chunks.extend(item.data for item in new)
-            atomic_write(path, chunks)
+            atomic_write(path, chunks, direct=self.direct)
         refs = {}
         for item in new:
             refs[item.digest] = BlobRef(
