@@ -15,6 +15,7 @@ from torch import nn
 
 import weightslab as wl
 from weightslab.ledger import Entry, Ledger
+from weightslab.cli.catalog import Catalog
 from weightslab.storage.manager import CheckpointManager
 from weightslab.tensors import load_tensors
 
@@ -109,6 +110,41 @@ def test_skip_drops_the_new_save_with_a_warning(root: Path, caplog) -> None:
     assert [e.step for e in manager.checkpoints()] == [1, 3]
     latest = load_tensors(manager, manager.read_manifest(manager.checkpoints()[-1]))
     assert torch.equal(latest["models/main/0.weight"], model[0].weight.detach())  # not confused by the skip
+    system.close()
+
+
+def test_latest_replaces_the_save_still_queued_and_the_newest_records_what_it_replaced(root: Path, caplog) -> None:
+    model, opt = model_and_optimizer()
+    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False,
+                                      max_pending_saves=2, backpressure="latest")
+    wl.register_model(model)
+    held = HeldWriter(system)
+    assert wl.checkpoint_on_step(1) is True
+    assert held.started.wait(10)  # step 1 is being written, and stays so
+    returned = threading.Event()
+
+    def more_steps() -> None:
+        for s in (2, 3, 4):  # 2 is queued; 3 takes its place, then 4 takes 3's: never a wait
+            train_step(model, opt)
+            assert wl.checkpoint_on_step(s) is True
+        returned.set()
+    with caplog.at_level(logging.WARNING):
+        worker = threading.Thread(target=more_steps)
+        worker.start()
+        assert returned.wait(10), "a save waited for the disk under backpressure='latest'"
+        worker.join()
+    at_four = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "replaced by the newer" in caplog.text and system.skipped == 2
+    held.release.set()
+    system.wait()
+    manager = CheckpointManager(root)
+    assert [e.step for e in manager.checkpoints()] == [1, 4]
+    manifest = manager.read_manifest(manager.checkpoints()[-1])
+    assert {"kind": "superseded", "steps": [2, 3]} in manifest.changes
+    with Catalog(manager) as catalog:  # what `weightslab ls` counts (CKPTS 2+2)
+        assert [(r.checkpoints, r.dropped) for r in catalog.experiments()] == [(2, 2)]
+    latest = load_tensors(manager, manifest)
+    assert all(torch.equal(latest[f"models/main/{k}"], v) for k, v in at_four.items())
     system.close()
 
 

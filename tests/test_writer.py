@@ -260,3 +260,30 @@ def test_submit_blocked_across_close_is_not_lost(writers):
     refused = bool(result) and isinstance(result[0], RuntimeError)
     assert refused or second_ran.is_set(), f"submit returned {result!r} but its job never ran"
     assert w.pending == 0
+
+
+def test_replace_drops_queued_droppable_jobs_never_the_running_one(writers):
+    w = writers(max_pending=2)
+    first, ran, handed = Held(), [], []
+    w.submit("1", first, droppable="one")
+    assert first.started.wait(TIMEOUT)  # running: it may not be dropped any more
+    w.submit("2", lambda: ran.append(2), droppable="two")  # queued (room for two)
+    w.submit("3", lambda: ran.append(3), droppable="three", replace=handed.append)  # no room: takes 2's place
+    w.submit("4", lambda: ran.append(4), replace=handed.append)  # not droppable itself
+    assert handed == [["two"], ["three"]]
+    first.release.set()
+    w.wait()
+    assert ran == [4] and first.done.is_set()
+
+
+def test_replace_waits_when_nothing_queued_can_be_dropped(writers):
+    w = writers(max_pending=1)
+    first = Held()
+    w.submit("1", first, droppable="one")
+    assert first.started.wait(TIMEOUT)
+    returned = threading.Event()
+    threading.Thread(target=lambda: (w.submit("2", lambda: None, replace=lambda t: None), returned.set())).start()
+    assert not returned.wait(BLOCKED)  # the running job is never dropped: wait for room
+    first.release.set()
+    assert returned.wait(TIMEOUT)
+    w.wait()

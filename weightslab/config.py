@@ -54,8 +54,10 @@ class CheckpointConfig:
     max_pending_saves: int = 2
     #: Bytes of snapshots in flight at most (None: bounded by max_pending_saves only).
     max_pending_bytes: int | None = None
-    #: When the writer falls behind: ``"block"`` waits for room; ``"skip"`` drops the new save
-    #: with a warning (training never waits for the disk).
+    #: When the writer falls behind: ``"block"`` waits for room; ``"latest"`` drops the older save
+    #: still queued and writes the newest instead (training never waits for the disk, and the next
+    #: checkpoint written is always the newest state; the replaced steps are logged and recorded in
+    #: the checkpoint that replaced them); ``"skip"`` drops the new save.
     backpressure: str = "block"
     #: Signals that mean "take a final checkpoint at the end of this step, then stop as you would
     #: have" (a second signal stops at once). Empty: weightslab installs no signal handler.
@@ -134,9 +136,9 @@ class CheckpointConfig:
         if self.max_pending_bytes is not None and (isinstance(self.max_pending_bytes, bool) or not isinstance(
                 self.max_pending_bytes, int) or self.max_pending_bytes < 1):
             raise ConfigError(f"max_pending_bytes must be a positive integer or None, got {self.max_pending_bytes!r}")
-        if self.backpressure not in ("block", "skip"):
-            raise ConfigError(f"backpressure must be 'block' (wait for the writer) or 'skip' (drop the save), "
-                              f"got {self.backpressure!r}")
+        if self.backpressure not in ("block", "latest", "skip"):
+            raise ConfigError(f"backpressure must be 'block' (wait for the writer), 'latest' (replace an older queued "
+                              f"save) or 'skip' (drop the new save), got {self.backpressure!r}")
         try:
             SavePolicy(every_steps=self.checkpoint_frequency, every_seconds=self.every_seconds)
         except ValueError as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from . import state as _state
@@ -41,6 +42,16 @@ from .writer import Writer
 __all__ = ["Saver"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Queued:
+    """A save waiting in the writer's queue that a newer one may replace (``backpressure="latest"``)."""
+
+    experiment: str
+    step: int
+    snap: Snapshot
+    superseded: list[int] = field(default_factory=list)  # older steps it replaced, oldest first
 
 
 class Saver:
@@ -85,7 +96,7 @@ class Saver:
 
     @property
     def skipped(self) -> int:
-        """Saves dropped because the writer was behind (``backpressure="skip"``)."""
+        """Saves dropped because the writer was behind (``backpressure="skip"`` or ``"latest"``)."""
         return self._skipped
 
     def seconds_since_save(self) -> float:
@@ -181,9 +192,26 @@ class Saver:
             except Exception as exc:
                 raise CheckpointSaveError(f"checkpoint {ref} failed: {type(exc).__name__}: {exc}",
                                           errors=[exc]) from exc
+        elif self._backpressure == "latest" and "preempt" not in reasons and not job.distributed and not sharded:
+            queued = _Queued(experiment.hash, step, snap)
+            self._writer.submit(ref, lambda: self._commit(request, snap, shards, queued.superseded), snap.copied_bytes,
+                                droppable=queued, replace=lambda dropped: self._replaced(dropped, queued, ref))
         else:
             self._writer.submit(ref, lambda: self._commit(request, snap, shards), snap.copied_bytes)
         return True
+
+    def _replaced(self, dropped: list[_Queued], newer: _Queued, ref: str) -> None:
+        """Queued saves dropped for ``newer`` (under the writer's lock, before ``newer`` is queued):
+        their buffers go back, their steps are no longer saved, and ``newer`` records them."""
+        for old in dropped:
+            self.snapshotter.release(old.snap)
+            self._saved.discard((old.experiment, old.step))
+            newer.superseded[:0] = old.superseded + [old.step]
+            self._skipped += 1
+            if self._skipped in (1, 10, 100) or self._skipped % 1000 == 0:
+                log.warning("checkpoint %s@%d replaced by the newer %s before it was written: the writer is behind "
+                            "(backpressure='latest'; %d saves dropped so far). Save less often to keep every one",
+                            old.experiment, old.step, ref, self._skipped)
 
     def _skip(self, ref: str) -> bool:
         self._skipped += 1
@@ -192,8 +220,11 @@ class Saver:
                         "far). Save less often, or set backpressure='block' to wait for it", ref, self._skipped)
         return False
 
-    def _commit(self, request: dict[str, Any], snap: Snapshot, shards: _sharded.SaveHandle | None) -> Manifest:
+    def _commit(self, request: dict[str, Any], snap: Snapshot, shards: _sharded.SaveHandle | None,
+                superseded: list[int] | None = None) -> Manifest:
         """On the writer's thread: make one checkpoint durable, then retention and upload."""
+        if superseded:  # (final now: a job is only replaced while queued, never once it runs)
+            request["changes"] = (*request["changes"], {"kind": "superseded", "steps": list(superseded)})
         try:
             if shards is not None:  # the sharded tensors first: durable on every rank when this returns
                 request["tree"]["sharded"]["files"] = shards.result().to_json()

@@ -156,7 +156,7 @@ class AutomaticCheckpointSystem:
 
     @property
     def skipped(self) -> int:
-        """Saves dropped because the writer was behind (``backpressure="skip"``)."""
+        """Saves dropped because the writer was behind (``backpressure="skip"`` or ``"latest"``)."""
         return self._saver.skipped
 
     @property

@@ -7,6 +7,11 @@ flight can take. A single job larger than ``max_pending_bytes`` is still admitte
 else is in flight, so a save can never wait forever. A job that fails is logged
 and kept; the writer goes on with the next job, and the kept errors are handed to whoever asks
 (``wait()``/``close()`` of the checkpoint system raise them).
+
+A job may be submitted *droppable* (a save whose newer version makes it pointless) and a later one
+with ``replace``: instead of waiting for room, it drops queued droppable jobs (not the one being
+written) and takes their place, so a loop that saves faster than the disk writes never waits for
+the disk and the newest state is always the next one written.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class Writer:
         self._bytes = 0
         self._name = name
         self._cond = threading.Condition()
-        self._jobs: collections.deque[tuple[str, Callable[[], Any], int]] = collections.deque()
+        self._jobs: collections.deque[tuple[str, Callable[[], Any], int, Any]] = collections.deque()
         self._running = 0
         self._errors: list[BaseException] = []
         self._thread: threading.Thread | None = None
@@ -57,21 +62,43 @@ class Writer:
         with self._cond:
             return self._fits(nbytes)
 
-    def submit(self, label: str, job: Callable[[], Any], nbytes: int = 0) -> None:
-        """Queue ``job`` (holding ``nbytes`` of snapshot); blocks while there is no room."""
+    def submit(self, label: str, job: Callable[[], Any], nbytes: int = 0, *, droppable: Any = None,
+               replace: Callable[[list[Any]], None] | None = None) -> None:
+        """Queue ``job`` (holding ``nbytes`` of snapshot); blocks while there is no room.
+
+        ``droppable``: a token; while this job is still queued, a newer job submitted with ``replace``
+        may drop it. ``replace(tokens)``: when there is no room, drop queued droppable jobs, newest
+        first, until there is, and hand their tokens (oldest first) to ``replace``, called under the
+        writer's lock before this job is queued; wait only when nothing is left to drop.
+        """
         with self._cond:
             if self._closed:
                 raise RuntimeError("the checkpoint writer is closed")
             while not self._fits(nbytes):
+                if replace is not None:
+                    dropped = self._drop_one()
+                    if dropped is not None:
+                        replace([dropped])
+                        continue
                 self._cond.wait()
                 if self._closed:  # closed while we waited: nobody would ever run this job
                     raise RuntimeError("the checkpoint writer was closed while this save waited for a slot")
-            self._jobs.append((label, job, nbytes))
+            self._jobs.append((label, job, nbytes, droppable))
             self._bytes += nbytes
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
             self._cond.notify_all()
+
+    def _drop_one(self) -> Any:
+        """Remove the newest queued droppable job; its token, or None if there is none."""
+        for i in range(len(self._jobs) - 1, -1, -1):
+            label, _, nbytes, token = self._jobs[i]
+            if token is not None:
+                del self._jobs[i]
+                self._bytes -= nbytes
+                return token
+        return None
 
     def _run(self) -> None:
         while True:
@@ -80,7 +107,7 @@ class Writer:
                     self._cond.wait()
                 if not self._jobs:  # closed and drained
                     return
-                label, job, nbytes = self._jobs.popleft()
+                label, job, nbytes, _ = self._jobs.popleft()
                 self._running += 1
             try:
                 job()

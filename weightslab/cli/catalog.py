@@ -30,7 +30,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
 from ..retention import CheckpointRecord, KeepBest
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: Kept in ``PRAGMA user_version``; an index of another version is deleted and rebuilt.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: How long a refresh waits for another process's write transaction (they last milliseconds).
 BUSY_TIMEOUT_SECONDS = 10.0
@@ -89,7 +89,8 @@ _SCHEMA: tuple[str, ...] = (
         step INTEGER NOT NULL,
         created_ns INTEGER NOT NULL,
         reasons TEXT NOT NULL,
-        nbytes INTEGER NOT NULL
+        nbytes INTEGER NOT NULL,
+        superseded INTEGER NOT NULL
     )""",
     "CREATE INDEX checkpoints_by_experiment ON checkpoints (experiment, step)",
     "CREATE INDEX checkpoints_by_time ON checkpoints (created_ns, step)",
@@ -116,7 +117,8 @@ _SCHEMA: tuple[str, ...] = (
         checkpoints INTEGER NOT NULL,
         first_step INTEGER,
         last_step INTEGER,
-        bytes_alone INTEGER NOT NULL
+        bytes_alone INTEGER NOT NULL,
+        dropped INTEGER NOT NULL
     ) WITHOUT ROWID""",
     """CREATE TABLE best (
         experiment TEXT NOT NULL,
@@ -130,9 +132,10 @@ _SCHEMA: tuple[str, ...] = (
 _TABLES = ("experiments", "names", "checkpoints", "metrics", "blobs", "summary", "best")
 
 _SUMMARY = """
-INSERT INTO summary (experiment, checkpoints, first_step, last_step, bytes_alone)
-SELECT c.experiment, c.n, c.first_step, c.last_step, COALESCE(a.bytes_alone, 0)
-FROM (SELECT experiment, COUNT(*) AS n, MIN(step) AS first_step, MAX(step) AS last_step
+INSERT INTO summary (experiment, checkpoints, first_step, last_step, bytes_alone, dropped)
+SELECT c.experiment, c.n, c.first_step, c.last_step, COALESCE(a.bytes_alone, 0), c.dropped
+FROM (SELECT experiment, COUNT(*) AS n, MIN(step) AS first_step, MAX(step) AS last_step,
+             SUM(superseded) AS dropped
       FROM checkpoints GROUP BY experiment) AS c
 LEFT JOIN (
     -- a blob is an experiment's alone when every checkpoint referencing it belongs to it
@@ -169,6 +172,7 @@ class ExperimentRow:
     last_step: int | None  # the latest (highest) step
     checkpoints: int
     bytes_alone: int  # stored bytes only its checkpoints reference: what deleting it would free
+    dropped: int  # saves replaced before they were written (backpressure="latest"), as recorded
     best: dict[str, float]  # lowest value of each metric its checkpoints record (NaN ignored)
     highest: dict[str, float]  # highest value of each (for metrics where higher is better)
 
@@ -202,6 +206,7 @@ class _Indexed:
     created_ns: int
     reasons: str  # JSON list
     nbytes: int
+    superseded: int  # older saves this checkpoint replaced before they were written
     metrics: tuple[tuple[str, float | None], ...]
     blobs: tuple[tuple[str, int], ...]
 
@@ -258,6 +263,11 @@ def _metrics(manifest: Manifest) -> tuple[tuple[str, float | None], ...]:
     return tuple((name, None if math.isnan(value) else value) for name, value in manifest.numeric_metrics().items())
 
 
+def _superseded(manifest: Manifest) -> int:
+    return sum(len(c.get("steps", ())) for c in manifest.changes
+               if isinstance(c, Mapping) and c.get("kind") == "superseded")
+
+
 def _read_manifest(path: Path, experiment: str, key: str) -> _Indexed:
     """The index entry of one manifest; the stat is taken from the open file, so it describes
     exactly the bytes read (a manifest replaced meanwhile is read again at the next refresh)."""
@@ -271,7 +281,7 @@ def _read_manifest(path: Path, experiment: str, key: str) -> _Indexed:
             blobs[ref.digest] = ref.nbytes
     return _Indexed(path=key, mtime_ns=st.st_mtime_ns, size=st.st_size, experiment=experiment,
                     step=manifest.step, created_ns=manifest.created_ns, reasons=json.dumps(list(manifest.reasons)),
-                    nbytes=manifest.total_bytes, metrics=_metrics(manifest),
+                    nbytes=manifest.total_bytes, superseded=_superseded(manifest), metrics=_metrics(manifest),
                     blobs=tuple(blobs.items()))
 
 
@@ -579,10 +589,10 @@ class Catalog:
             db.executemany("DELETE FROM checkpoints WHERE id = ?", ids)
         for entry in inserts:
             cur = db.execute(
-                "INSERT INTO checkpoints (path, mtime_ns, size, experiment, step, created_ns, reasons, nbytes) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO checkpoints (path, mtime_ns, size, experiment, step, created_ns, reasons, nbytes, "
+                "superseded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (entry.path, entry.mtime_ns, entry.size, entry.experiment, entry.step, entry.created_ns,
-                 entry.reasons, entry.nbytes))
+                 entry.reasons, entry.nbytes, entry.superseded))
             cid = cur.lastrowid
             db.executemany("INSERT INTO metrics (checkpoint_id, name, value) VALUES (?, ?, ?)",
                            [(cid, name, value) for name, value in entry.metrics])
@@ -620,13 +630,14 @@ class Catalog:
             highest.setdefault(h, {})[metric] = float(high)
         rows = db.execute(
             "SELECT e.hash, e.parent, e.reason, e.branch, e.created, s.first_step, s.last_step, "
-            "COALESCE(s.checkpoints, 0), COALESCE(s.bytes_alone, 0) "
+            "COALESCE(s.checkpoints, 0), COALESCE(s.bytes_alone, 0), COALESCE(s.dropped, 0) "
             "FROM experiments AS e LEFT JOIN summary AS s ON s.experiment = e.hash "
             "ORDER BY e.created IS NULL, e.created, e.hash")
         return [ExperimentRow(hash=h, names=tuple(names.get(h, ())), parent=parent, reason=reason, branch=branch,
                               created=created, first_step=first, last_step=last, checkpoints=int(n),
-                              bytes_alone=int(alone), best=best.get(h, {}), highest=highest.get(h, {}))
-                for h, parent, reason, branch, created, first, last, n, alone in rows]
+                              bytes_alone=int(alone), dropped=int(dropped), best=best.get(h, {}),
+                              highest=highest.get(h, {}))
+                for h, parent, reason, branch, created, first, last, n, alone, dropped in rows]
 
     def checkpoints(self, experiment: str | None = None) -> list[CheckpointRow]:
         """The committed checkpoints of the root, or of one experiment (its hash, or a name of it),

@@ -195,8 +195,10 @@ def cmd_ls(args: argparse.Namespace, out: Out) -> int:
     for r in rows:
         best = _pick_metric(r, args.metric)
         steps = "-" if r.first_step is None else f"{r.first_step}-{r.last_step}"
+        # CKPTS: committed, and "+N" saves replaced before they were written (backpressure="latest")
         table.append([_short(r.hash), ",".join(r.names) or "-", _short_ref(r.parent), r.reason or "-", steps,
-                      str(r.checkpoints), _size(r.bytes_alone), f"{best[0]} {_number(best[1])}" if best else "-"])
+                      f"{r.checkpoints}+{r.dropped}" if r.dropped else str(r.checkpoints), _size(r.bytes_alone),
+                      f"{best[0]} {_number(best[1])}" if best else "-"])
         table[-1][3] = _REASONS.get(table[-1][3], table[-1][3])
     _table(out, ["HASH", "NAME", "PARENT", "REASON", "STEPS", "CKPTS", "ALONE", "BEST"], table,
            [8, 10, 13, 7, 11, 5, 8, 11])  # 80 columns with the separating spaces
@@ -239,7 +241,8 @@ def cmd_log(args: argparse.Namespace, out: Out) -> int:
         branch = "" if top else ("`-- " if last else "|-- ")
         names = f" ({', '.join(r.names)})" if r.names else ""
         steps = "no checkpoints" if r.first_step is None else \
-            f"steps {r.first_step}-{r.last_step}, {r.checkpoints} checkpoint{'s' * (r.checkpoints != 1)}"
+            f"steps {r.first_step}-{r.last_step}, {r.checkpoints} checkpoint{'s' * (r.checkpoints != 1)}" + \
+            (f" ({r.dropped} replaced by newer saves)" if r.dropped else "")
         text = _cut(f"{prefix}{branch}* {_short(h)}{names}  {steps}", WIDTH)
         out.line(text.replace(f"* {_short(h)}", f"* {out.paint(_short(h), '33')}", 1))
         inner = prefix + ("" if top else ("    " if last else "|   "))
