@@ -129,12 +129,13 @@ def test_batchnorm_running_stats_are_those_of_the_step_while_parameters_copy_in_
 # --- the background copy is waited for ----------------------------------------------------------------
 
 class SlowToCopy(nn.Parameter):
-    """A parameter whose copy by weightslab's copier thread takes 0.3 s: long enough that an optimizer
-    step that did not wait for the copy would change it first."""
+    """A parameter whose copy by weightslab's copier thread takes a second or so (every operation
+    on it there takes 0.3 s): long enough that an optimizer step that did not wait for the copy
+    would change it first."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.copy_ and threading.current_thread().name == "weightslab-copier":
+        if threading.current_thread().name == "weightslab-copier":
             time.sleep(0.3)
         # (the default Tensor behaviour, which keeps the subclass, where nn.Parameter turns it off)
         return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs or {})

@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from .errors import CheckpointSaveError
@@ -243,12 +244,26 @@ def _copy(items: list[_Item]) -> None:
     before the copy was complete (a change after it does not matter)."""
     torn = []
     for live, version, buffer, keys in items:
-        buffer.copy_(live)
+        _copy_into(buffer, live)
         if live._version != version:
             torn.append(keys[0])
     error = _torn_error(torn)
     if error is not None:
         raise error
+
+
+def _copy_into(buffer: torch.Tensor, live: torch.Tensor) -> None:
+    """One CPU copy off the training thread, as a plain memcpy: torch's ``copy_`` from a second
+    thread starts an OpenMP team of its own, which fought the training step's for the cores (a
+    25 M-parameter step took 46 ms longer beside it, against 3 ms beside numpy's copy)."""
+    if live.is_contiguous() and buffer.is_contiguous():
+        np.copyto(_as_bytes(buffer), _as_bytes(live))  # (releases the GIL)
+    else:
+        buffer.copy_(live)
+
+
+def _as_bytes(t: torch.Tensor) -> np.ndarray:
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def _torn(items: list[_Item]) -> TornCopyError | None:
