@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import statistics
 import tempfile
@@ -49,6 +48,7 @@ import torch
 from torch import nn
 
 import weightslab as wl
+from async_save import stored_bytes  # (a sibling script: run this one as a script too)
 
 med = statistics.median
 
@@ -174,7 +174,7 @@ def run_loop(trainer: Trainer, root: Path, *, every: int, saves: int, settings: 
     try:
         with timed_commits(system, loop, busy):
             last_saved: float | None = None
-            previous_bytes = _disk_bytes(root)
+            previous_bytes = stored_bytes(root)
             after_save = False
             for step in range(1, every * (saves + 1) + 1):
                 start = time.perf_counter()
@@ -197,7 +197,7 @@ def run_loop(trainer: Trainer, root: Path, *, every: int, saves: int, settings: 
                     last_saved = end - boundary_start
                 if measure_bytes and saved:
                     system.wait()
-                    now = _disk_bytes(root)
+                    now = stored_bytes(root)
                     loop.added_bytes.append(now - previous_bytes)
                     previous_bytes = now
             system.wait()
@@ -220,18 +220,6 @@ def plain_steps(trainer: Trainer, steps: int) -> list[float]:
         trainer.step()
         times.append(time.perf_counter() - start)
     return times
-
-
-def _disk_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            if not name.startswith("."):
-                try:
-                    total += os.stat(os.path.join(dirpath, name)).st_size
-                except FileNotFoundError:
-                    pass
-    return total
 
 
 def main() -> None:
