@@ -179,6 +179,19 @@ def test_an_in_place_change_during_the_copy_fails_that_checkpoint_instead_of_tea
     system.close()
 
 
+def test_without_a_registered_optimizer_everything_is_copied_at_the_boundary(root: Path):
+    model = nn.Linear(4, 4)
+    model.weight = SlowToCopy(model.weight.detach().clone())
+    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False)
+    wl.register_model(model)  # no optimizer: the loop writes the parameters itself, anywhere
+    wl.checkpoint_on_step(1)
+    at_one = model.weight.detach().clone()
+    model.weight.data[0] += 1.0  # right after the boundary, before any forward
+    system.wait()
+    assert torch.equal(checkpoints(root)[1]["models/main/weight"], at_one)
+    system.close()
+
+
 def test_overlap_off_copies_everything_at_the_boundary(root: Path):
     model = nn.Linear(4, 4)
     model.weight = SlowToCopy(model.weight.detach().clone())

@@ -78,10 +78,11 @@ class CheckpointConfig:
     delta: bool = False
     #: With ``delta``: a self-contained copy every N versions, so a restore decodes at most N blobs.
     reanchor_interval: int = 10
-    #: Copy parameters and optimizer state in the background, beside the next forward and backward,
-    #: and wait for the copy right before the next optimizer step (or the next forward of a registered
-    #: model, without a hooked optimizer). Pass False if the loop changes parameters between
-    #: ``checkpoint_on_step`` and that point through ``.data`` or numpy (guides/getting-started.md).
+    #: With a registered (hooked) optimizer: copy parameters and optimizer state in the background,
+    #: beside the next forward and backward, and wait for the copy in the optimizer's pre-step hook.
+    #: Pass False if the loop changes them between ``checkpoint_on_step`` and the next
+    #: ``optimizer.step()`` through ``.data`` or numpy (guides/getting-started.md). Without a
+    #: registered optimizer every tensor is copied at the boundary, whatever this says.
     overlap: bool = True
     #: Write the packs of tensor bytes with O_DIRECT where the filesystem allows it: the page cache
     #: is bypassed, which cost the writer a tenth of the CPU here and leaves the training data's

@@ -3,7 +3,8 @@
 On the training thread, :meth:`Saver.save` captures the state tree and the live tensors
 (:mod:`weightslab.state`), and the snapshotter copies every tensor into reusable host buffers
 (:mod:`weightslab.snapshot`): parameters and optimizer state in the background with ``overlap`` (the
-system calls :meth:`Saver.settle` before the next step may change them), the rest at once. The
+system calls :meth:`Saver.settle` in the optimizer's pre-step hook, before they change), the rest at
+once. The
 rest runs on the background writer (:mod:`weightslab.writer`), in order: the copy and the sharded
 tensors of a distributed job are awaited, the snapshot becomes blobs, the manager commits pack and
 manifest (:mod:`weightslab.storage.manager`; a tensor whose digest the root holds costs no bytes),
@@ -62,7 +63,7 @@ class Saver:
     """
 
     def __init__(self, ledger: Ledger, manager: CheckpointManager, job: Job, failures: Failures, writer: Writer, *,
-                 backpressure: str = "block", retention: Retention | None = None, overlap: bool = True,
+                 backpressure: str = "block", retention: Retention | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self._ledger = ledger
         self._manager = manager
@@ -72,7 +73,6 @@ class Saver:
         self._backpressure = backpressure
         self._retention = retention if retention is not None and not retention.keeps_everything else None
         self._clock = clock
-        self._overlap = overlap
         self.snapshotter = Snapshotter()
         self._in_flight: Snapshot | None = None  # the last snapshot whose copy may still be running
         self.run = uuid.uuid4().hex[:12]  # names this process's run in every manifest it writes
@@ -110,8 +110,10 @@ class Saver:
 
     def save(self, *, experiment: ExperimentRecord, step: int, reasons: tuple[str, ...],
              changes: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any] | None, resumed_from: str | None,
-             early: Mapping[str, Any] | None = None) -> bool:
-        """Take a checkpoint; True when it was handed to the writer (or committed, under ``strict``)."""
+             early: Mapping[str, Any] | None = None, overlap: bool = False) -> bool:
+        """Take a checkpoint; True when it was handed to the writer (or committed, under ``strict``).
+        ``overlap``: copy parameters and optimizer state in the background (call :meth:`settle`
+        before anything may change them)."""
         job = self._job
         if job.gone:
             return False
@@ -171,7 +173,7 @@ class Saver:
                                 for k, t in sharded.items()}}
                 for key in sharded:
                     del captured.tensors[key]
-            snap = self.snapshotter.take(captured.tensors, later=captured.step_only if self._overlap else ())
+            snap = self.snapshotter.take(captured.tensors, later=captured.step_only if overlap else ())
         except Exception as exc:
             self._failures.fail(f"checkpoint {ref}", exc)
             return False

@@ -10,8 +10,9 @@ sample of its bytes misses a sparse write, so either would let a checkpoint hold
 What the copy costs the training loop is hidden instead. Parameters and optimizer state change only
 in an optimizer step (``later`` keys): their copy runs in the background, on a copier thread (a CPU
 ``copy_`` releases the GIL) or on a side CUDA stream into pinned buffers, while the next forward and
-backward run; the checkpoint system waits for it (:meth:`Snapshot.copied`) right before the next
-mutation: the next optimizer step, or the next forward when no optimizer is hooked. Everything else
+backward run; the checkpoint system waits for it (:meth:`Snapshot.before_mutation`) right before
+the next mutation: the registered optimizer's next step (a loop with no registered optimizer may
+change its parameters anywhere, so it gets no background copy). Everything else
 (buffers a forward updates, random generators, positions) is copied at once. A step-only tensor
 changed by an in-place torch operation while its copy was in flight is caught by its version
 counter, and that checkpoint fails instead of holding a torn copy (a write through ``.data`` or a
@@ -275,7 +276,7 @@ def _torn_error(torn: list[str]) -> TornCopyError | None:
         shown = ", ".join(torn[:3]) + (f" and {len(torn) - 3} more" if len(torn) > 3 else "")
         return TornCopyError(
             f"{shown} changed in place while its copy was in flight, between the step boundary and the next "
-            "optimizer step (or forward, without a hooked optimizer); this checkpoint would not hold the state "
+            "optimizer step; this checkpoint would not hold the state "
             "of its step, so it is not committed. If your loop changes parameters there on purpose, pass "
             "overlap=False to the checkpoint system")
     return None

@@ -97,9 +97,8 @@ class AutomaticCheckpointSystem:
             raise ConfigError(str(exc)) from exc
         writer = Writer(max_pending=config.max_pending_saves, max_pending_bytes=config.max_pending_bytes)
         self._failures = Failures(writer, strict=config.strict)
-        # (overlap needs the hooks: they are where the copy is waited for before the next step)
         self._saver = Saver(ledger, self.manager, self._job, self._failures, writer, backpressure=config.backpressure,
-                            retention=config.retention, overlap=config.overlap and config.hook_optimizer, clock=clock)
+                            retention=config.retention, clock=clock)
         self._lineage = Lineage(ledger, self.manager, self._failures, exclude_keys=config.exclude_keys,
                                 resume_mode=config.resume, file_record=self._saver.file_record,
                                 saved=self._saver.saved)
@@ -216,8 +215,6 @@ class AutomaticCheckpointSystem:
         self._boundary(step, metrics=None, defer=True)
 
     def _forward(self) -> None:
-        if not self._clock.hooked_optimizers:  # (parameters change by hand after this forward)
-            self._saver.settle()
         if self._auto_resume_due:
             self._auto_resume()
         if self._clock.deferred is not None and not self._closed:
@@ -312,8 +309,11 @@ class AutomaticCheckpointSystem:
     def _save(self, step: int, reasons: tuple[str, ...], changes: Any, metrics: Mapping[str, Any] | None, *,
               early: Mapping[str, Any] | None = None) -> bool:
         assert self._lineage.record is not None
+        # The copy of parameters overlaps the next step only where a hooked optimizer's pre-step hook
+        # marks the next change: a loop without one may change them anywhere (manual SGD, .data).
         return self._saver.save(experiment=self._lineage.record, step=step, reasons=reasons, changes=changes,
-                                metrics=metrics, resumed_from=self._lineage.resumed_from, early=early)
+                                metrics=metrics, resumed_from=self._lineage.resumed_from, early=early,
+                                overlap=self.config.overlap and self._clock.hooked_optimizers > 0)
 
     # --- waiting and closing ----------------------------------------------------------------
     def wait(self) -> None:
