@@ -123,6 +123,13 @@ class StepClock:
     def hooked_optimizers(self) -> int:
         return sum(1 for kind, _ in self._handles if kind == "optimizer")
 
+    @property
+    def guards_next_step(self) -> bool:
+        """A hooked optimizer's pre-step hook comes before the next change of parameters, so a copy of
+        them may overlap the next forward pass; a loop without one may change them anywhere (manual
+        SGD, ``.data``), so they are copied at the boundary."""
+        return self.hooked_optimizers > 0
+
     # --- hooks on the registered objects ----------------------------------------------------
     def attach(self, entry: Entry) -> None:
         if not self._hooks:

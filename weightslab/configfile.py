@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import HyperparamsError
-from .hyperparams import LiveConfig, Marks, at_path, parse_yaml, to_plain
+from .hyperparams import LiveConfig, Marks, at_path, parse_yaml, restore_in_place, to_plain
 
-__all__ = ["ConfigFile", "Edit", "WATCH_MODES", "fork_edits", "merge_edit"]
+__all__ = ["ConfigFile", "Edit", "WATCH_MODES", "apply_edits", "fork_edits", "merge_edit"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ def fork_edits(saved: Mapping[str, Any], registered: Iterable[str], overrides: M
         to_plain(after, where=f"wl.fork overrides of {name!r}")
         edits[name] = merge_edit(saved[name], {}, after, {}, where=f"wl.fork overrides of {name!r}")
     return edits
+
+
+def apply_edits(edits: Mapping[str, Edit], hyperparams: Mapping[str, Any]) -> list[str]:
+    """Write each edit's values into the registered hyperparameters of its name, in place (the
+    objects the training loop holds); return the changed lines, each prefixed with its name."""
+    lines = []
+    for name, edit in edits.items():
+        restore_in_place(hyperparams[name], edit.values, name=name)
+        lines += [f"{name}.{line}" for line in edit.changed]
+    return lines
 
 
 def _dotted(path: tuple[Any, ...]) -> str:

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import codec
-from . import hyperparams as _hp
 from . import state as _state
 from .attachments import Attachments
 from .binding import OptimizerBinding
 from .clock import Deferred, StepClock, check_metrics, check_step
 from .config import CheckpointConfig, make_config
-from .configfile import ConfigFile, fork_edits
+from .configfile import ConfigFile, apply_edits, fork_edits
 from .distributed.job import Job
 from .errors import CheckpointNotFoundError, ConfigError, InvalidStepError
 from .failures import Failures
@@ -294,7 +293,7 @@ class AutomaticCheckpointSystem:
         except Exception as exc:  # a rank died: the job is over, but do not hide why
             self._failures.fail(f"agreeing with the other ranks at step {step}", exc)
             return ()
-        if agreed.signal and self._guard.pending is None:
+        if agreed.signal:
             self._guard.adopt(agreed.signal)  # another rank was told to stop: this one stops with it
         self._watch.agreed(agreed.edits)
         return agreed.reasons
@@ -309,11 +308,9 @@ class AutomaticCheckpointSystem:
     def _save(self, step: int, reasons: tuple[str, ...], changes: Any, metrics: Mapping[str, Any] | None, *,
               early: Mapping[str, Any] | None = None) -> bool:
         assert self._lineage.record is not None
-        # The copy of parameters overlaps the next step only where a hooked optimizer's pre-step hook
-        # marks the next change: a loop without one may change them anywhere (manual SGD, .data).
         return self._saver.save(experiment=self._lineage.record, step=step, reasons=reasons, changes=changes,
                                 metrics=metrics, resumed_from=self._lineage.resumed_from, early=early,
-                                overlap=self.config.overlap and self._clock.hooked_optimizers > 0)
+                                overlap=self.config.overlap and self._clock.guards_next_step)
 
     # --- waiting and closing ----------------------------------------------------------------
     def wait(self) -> None:
@@ -462,11 +459,7 @@ class AutomaticCheckpointSystem:
             edits = fork_edits(codec.decode(manifest.state.get("hyperparams", {}), {}),  # checked before any change
                                self.ledger.objects("hyperparams"), overrides, where=manifest.ref)
             self._restore(resolved)
-            hparams = self.ledger.objects("hyperparams")
-            lines = []
-            for hp_name, edit in edits.items():
-                _hp.restore_in_place(hparams[hp_name], edit.values, name=hp_name)
-                lines += [f"{hp_name}.{line}" for line in edit.changed]
+            lines = apply_edits(edits, self.ledger.objects("hyperparams"))
             self._apply_bindings(step)
             # One branch (it enters the hash) for every rank: rank 0's.
             branch = self._job.share((name or f"fork-{uuid.uuid4().hex[:12]}").encode()).decode()
