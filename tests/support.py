@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,13 +88,14 @@ def start_of(stdout: str) -> int:
     return int(next(line for line in stdout.splitlines() if line.startswith("START")).split()[1])
 
 
-def spawn(root: Path | str, out: Path, *extra: str) -> subprocess.Popen[str]:
-    """Start the exact-training script with pipes for stdin, stdout and stderr."""
+def spawn(root: Path | str, out: Path, *extra: str, sigint: Any = signal.SIG_DFL) -> subprocess.Popen[str]:
+    """Start the exact-training script with pipes for stdin, stdout and stderr, and ``sigint`` as
+    its disposition of SIGINT (``signal.SIG_IGN``: as in a shell's background job)."""
     # A shell that starts the tests in the background ignores SIGINT, and children inherit that
     # (Python then installs no KeyboardInterrupt handler): give the child the default disposition.
     return subprocess.Popen([sys.executable, str(EXACT_SCRIPT), str(root), str(out), *extra], env=child_env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
 def kill_when(proc: subprocess.Popen[str], marker: str) -> list[str]:

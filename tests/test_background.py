@@ -319,6 +319,22 @@ def test_sigint_checkpoints_then_raises_keyboard_interrupt(tmp_path: Path) -> No
     assert _steps(root) == {5: ["preempt"]}
 
 
+def test_a_signal_the_process_ignores_stays_ignored(tmp_path: Path, straight_run: Path) -> None:
+    # A shell's background job ignores SIGINT: the process would have gone on, so it goes on, with
+    # no checkpoint taken for it and no "stopping" in the log.
+    root, out = tmp_path / "root", tmp_path / "final"
+    proc = spawn(root, out, "--frequency", "1000", "--pause-at", "4", sigint=signal.SIG_IGN)
+    _until(proc, "READY")
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    code, stdout, stderr = _finish(proc)
+    assert code == 0, stderr
+    assert "SIGINT" not in stderr and "stopping" not in stderr
+    assert _steps(root) == {40: ["exit"]}  # only the final checkpoint of a run that was not stopped
+    assert_same(straight_run, out)
+
+
 def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
     root, out = tmp_path / "root", tmp_path / "final"
     proc = spawn(root, out, "--frequency", "1000", "--pause-at", "4")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -84,6 +85,33 @@ class Boundary:
     metrics: Mapping[str, Any] | None = None
 
 
+class _Hook:
+    """A hook the clock puts on a registered object (a model's forward, an optimizer's step).
+
+    It holds the clock and the object only weakly, so the object stays deep-copyable and picklable
+    (an EMA copy, ``torch.save(model)``): a bound method of the clock would drag its lock into every
+    copy. It calls the clock only for the object it was put on, so a copy, which is not registered,
+    never marks a boundary or completes a save.
+    """
+
+    __slots__ = ("_clock", "_target", "_method")
+
+    def __init__(self, clock: StepClock, target: Any, method: str):
+        self._clock, self._target, self._method = weakref.ref(clock), weakref.ref(target), method
+
+    def __call__(self, obj: Any, *args: Any) -> None:
+        clock = self._clock()
+        if clock is not None and obj is self._target():
+            getattr(clock, self._method)(obj, *args)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # What a copy or a pickle of the object carries instead: ``{}.get(module, args)`` returns the
+        # arguments unchanged (what a forward pre-hook may return) and names no weightslab code, so a
+        # model saved whole with torch.save loads where weightslab is not installed. (Optimizers
+        # leave their hooks out of copies and pickles themselves.)
+        return getattr, ({}, "get")
+
+
 class StepClock:
     """Step boundaries of one checkpoint system, from explicit calls or from hooks.
 
@@ -136,10 +164,10 @@ class StepClock:
             return
         key = (entry.kind, entry.name)
         if entry.kind == "optimizer":
-            self._handles[key] = [entry.obj.register_step_pre_hook(self._optimizer_starts),
-                                  entry.obj.register_step_post_hook(self._optimizer_stepped)]
+            self._handles[key] = [entry.obj.register_step_pre_hook(_Hook(self, entry.obj, "_optimizer_starts")),
+                                  entry.obj.register_step_post_hook(_Hook(self, entry.obj, "_optimizer_stepped"))]
         elif entry.kind == "model":
-            self._handles[key] = [entry.obj.register_forward_pre_hook(self._forward_starts)]
+            self._handles[key] = [entry.obj.register_forward_pre_hook(_Hook(self, entry.obj, "_forward_starts"))]
 
     def detach(self, entry: Entry) -> None:
         for handle in self._handles.pop((entry.kind, entry.name), []):
@@ -205,10 +233,11 @@ class StepClock:
 
     def why_the_state_may_not_be_the_last_step(self) -> str | None:
         """Why the registered objects may no longer hold the state of the last boundary (a final
-        checkpoint labelled with its step could then be wrong); None when they do."""
-        if not self.hooked_optimizers:
-            return (f"with no hooked optimizer, weightslab cannot tell whether training moved past step "
-                    f"{self.last_step}, so it would not know which step to label the state with")
+        checkpoint labelled with its step could then be wrong); None when they do.
+
+        A loop that reports its steps (``checkpoint_on_step`` at the end of each) holds the state of
+        the last step it reported, unless a hooked optimizer stepped since: a loop with no hooked
+        optimizer (manual SGD) is taken at its word."""
         if self.optimizer_ran:
             return f"an optimizer step ran after the last step boundary (step {self.last_step}), so the state " \
                    "no longer matches that step"

@@ -41,6 +41,7 @@ __all__ = [
     "architecture_text",
     "diff_architecture",
     "diff_hyperparams",
+    "keep_excluded",
 ]
 
 #: Hyperparameter keys that never change the experiment: where and how often to save or log,
@@ -107,6 +108,37 @@ def architecture_text(models: Mapping[str, nn.Module]) -> str:
 
 def _matches(path: str, name: str, excluded: frozenset[str]) -> bool:
     return name in excluded or path in excluded
+
+
+def keep_excluded(saved: Mapping[str, Any], live: Mapping[str, Any], excluded: frozenset[str], *,
+                  path: str = "") -> tuple[dict[str, Any], list[str]]:
+    """The values a resume writes back into a registered config, and the keys it leaves.
+
+    Keys that define the experiment take their ``saved`` values. Keys excluded from the experiment
+    (matched as the hash matches them: by name at any depth of nested mappings, or by dotted path)
+    keep their ``live`` values, or stay absent: they say how this process runs (where it logs, when
+    it stops, which device), not what it trains. Also returns the dotted paths of the excluded keys
+    whose live value differs from the saved one.
+    """
+    out: dict[str, Any] = {}
+    kept: list[str] = []
+    for key in [*live, *(k for k in saved if k not in live)]:  # the live order, then keys only saved
+        sub = f"{path}.{key}" if path else str(key)
+        if _matches(sub, str(key), excluded):
+            if key in live:
+                out[key] = live[key]
+            if live.get(key, _ABSENT) != saved.get(key, _ABSENT):
+                kept.append(sub)
+        elif key in saved:
+            value, live_value = saved[key], live.get(key)
+            if isinstance(value, Mapping) and isinstance(live_value, Mapping):
+                value, inner = keep_excluded(value, live_value, excluded, path=sub)
+                kept += inner
+            out[key] = value
+    return out, kept
+
+
+_ABSENT = object()
 
 
 def _canonical(value: Any, excluded: frozenset[str], path: str) -> Any:

@@ -9,7 +9,8 @@ captured in the middle of a step cannot be resumed exactly.
 sees it at the next step boundary, takes a checkpoint, waits until it is durable, and asks the
 guard to :meth:`~PreemptionGuard.deliver` the signal as the process would have handled it without
 weightslab: the user's own handler if one was installed, ``KeyboardInterrupt`` for SIGINT, death
-by the signal for SIGTERM, nothing if it was ignored. A second signal delivers at once; if no
+by the signal for SIGTERM. A signal the process ignores (SIGINT in a shell's background job, SIGHUP
+under nohup) stays ignored: no checkpoint, no stop. A second signal delivers at once; if no
 step boundary comes within ``timeout`` seconds (the loop is stuck, or has ended), the signal is
 delivered anyway, without a checkpoint.
 """
@@ -70,6 +71,12 @@ class PreemptionGuard:
         if not self.signals or threading.current_thread() is not threading.main_thread():
             return False
         for number in self.signals:
+            if signal.getsignal(number) == signal.SIG_IGN:
+                # The process ignores it (a background job of a shell, nohup): so does weightslab.
+                # Taking a checkpoint and then going on would contradict "stopping" in the log.
+                log.info("%s is ignored by this process; weightslab leaves it ignored (no preemption "
+                         "checkpoint on it)", signal_name(number))
+                continue
             self._previous[number] = signal.signal(number, self._handle)
         return True
 

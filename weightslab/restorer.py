@@ -95,8 +95,9 @@ class Restorer:
     """Resolves refs against one root and restores checkpoints into the registered objects."""
 
     def __init__(self, ledger: Ledger, manager: CheckpointManager, job: Job, failures: Failures, *,
-                 rank_state: str = "exact"):
+                 rank_state: str = "exact", excluded_keys: frozenset[str] = frozenset()):
         self._ledger = ledger
+        self._excluded = excluded_keys  # hyperparameter keys a resume leaves as they are
         self._manager = manager
         self._job = job
         self._failures = failures
@@ -195,10 +196,13 @@ class Restorer:
         tensors = dict(resolved.tensors)
         if resolved.shards is not None:
             tensors.update(self._load_shards(manifest, *resolved.shards))
-        report = _state.restore(self._ledger, tree, tensors)
+        report = _state.restore(self._ledger, tree, tensors, excluded=self._excluded)
         for what in report.missing:
             log.warning("resume from %s: %s is registered but not in the checkpoint; left as it is",
                         manifest.ref, what)
+        if report.kept:
+            log.info("resume from %s: kept this process's values of keys excluded from the experiment: %s",
+                     manifest.ref, ", ".join(report.kept))
         for what in report.unused:
             log.warning("resume from %s: the checkpoint holds %s, which is not registered here; not restored",
                         manifest.ref, what)

@@ -23,6 +23,7 @@ from . import codec, data, rng
 from . import hyperparams as _hp
 from .canonical import canonical_json
 from .errors import ArchitectureMismatchError, StateError
+from .fingerprint import keep_excluded
 
 __all__ = ["Captured", "capture", "capture_early", "capture_own", "capture_replicated", "restore", "check_compatible", "RestoreReport"]
 
@@ -62,6 +63,7 @@ class RestoreReport:
     restored: list[str] = field(default_factory=list)  # "model 'main'", ...
     missing: list[str] = field(default_factory=list)  # registered here, absent from the checkpoint
     unused: list[str] = field(default_factory=list)  # in the checkpoint, not registered here
+    kept: list[str] = field(default_factory=list)  # "config.log_interval": excluded keys left as they are
 
 
 def capture_early(ledger: Ledger) -> dict[str, Any]:
@@ -201,8 +203,10 @@ def check_compatible(ledger: Ledger, tree: Mapping[str, Any],
             differences=differences)
 
 
-def restore(ledger: Ledger, tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> RestoreReport:
-    """Load ``tree`` into the registered objects (call :func:`check_compatible` first)."""
+def restore(ledger: Ledger, tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *,
+            excluded: frozenset[str] = frozenset()) -> RestoreReport:
+    """Load ``tree`` into the registered objects (call :func:`check_compatible` first). Hyperparameter
+    keys in ``excluded`` (those left out of the experiment hash) keep their live values."""
     report = RestoreReport()
 
     def dec(node: Any) -> Any:
@@ -230,8 +234,10 @@ def restore(ledger: Ledger, tree: Mapping[str, Any], tensors: Mapping[str, torch
             entry.obj.load_state_dict(dec(saved))
             report.restored.append(f"{kind} {name!r}")
     for name, entry, saved in pair("hyperparams", "hyperparams"):
-        _hp.restore_in_place(entry.obj, dec(saved), name=name)
+        values, kept = keep_excluded(dec(saved), _hp.to_plain(entry.obj, where=f"hyperparameters {name!r}"), excluded)
+        _hp.restore_in_place(entry.obj, values, name=name)
         report.restored.append(f"hyperparameters {name!r}")
+        report.kept += [f"{name}.{key}" for key in kept]
     for name, entry, saved in pair("dataloaders", "dataloader"):
         if saved is None:
             continue

@@ -101,7 +101,8 @@ class AutomaticCheckpointSystem:
         self._lineage = Lineage(ledger, self.manager, self._failures, exclude_keys=config.exclude_keys,
                                 resume_mode=config.resume, file_record=self._saver.file_record,
                                 saved=self._saver.saved)
-        self._restorer = Restorer(ledger, self.manager, self._job, self._failures, rank_state=config.rank_state)
+        self._restorer = Restorer(ledger, self.manager, self._job, self._failures, rank_state=config.rank_state,
+                                  excluded_keys=self._lineage.hasher.excluded_keys)
         self._clock = StepClock(hooks=config.hook_optimizer, lock=self._lock, on_boundary=self._implicit_boundary,
                                 on_forward=self._forward, on_step=self._saver.settle)
         self._watch = ConfigWatch(mode=config.watch_files)
@@ -359,7 +360,7 @@ class AutomaticCheckpointSystem:
             return
         why_not = self._clock.why_the_state_may_not_be_the_last_step()
         if why_not:
-            log.info("no final checkpoint at close: %s", why_not)
+            log.warning("no final checkpoint at close: %s", why_not)
             return
         self._boundary(last.step, metrics=last.metrics, forced=("exit",))
 
