@@ -265,6 +265,9 @@ def export(ref: str | os.PathLike[str], path: str | os.PathLike[str], *,
     """
     target = Path(path).expanduser()
     suffix = target.suffix.lower()
+    if target.is_dir():
+        raise IsADirectoryError(f"cannot export to {target}: it is a directory; pass a file path such as "
+                                f"{target / ('model' + (suffix if suffix in SUPPORTED_SUFFIXES else '.safetensors'))}")
     if suffix not in SUPPORTED_SUFFIXES:
         raise ValueError(f"cannot export to {target}: unsupported suffix {target.suffix or '(none)'!r}; "
                          f"use {', '.join(SUPPORTED_SUFFIXES)} (.safetensors for the model weights, .pt for "
@@ -272,9 +275,6 @@ def export(ref: str | os.PathLike[str], path: str | os.PathLike[str], *,
     if suffix in _TORCH and model is not None:
         raise ValueError(f"model= picks the weights of a .safetensors export; a {suffix} export holds the whole "
                          f"state of every model. Export to a .safetensors file, or drop model=")
-    if target.is_dir():
-        raise IsADirectoryError(f"cannot export to {target}: it is a directory; pass a file path such as "
-                                f"{target / ('model' + suffix)}")
     state = load(ref, root=root)
     if suffix in _SAFETENSORS:
         tensors, chosen = _model_tensors(state, model)

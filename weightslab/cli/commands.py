@@ -35,7 +35,7 @@ EXIT_CODES = {
     3: "the root is not a weightslab root",
     4: "the ref names nothing: no such experiment, name or step",
     5: "a manifest or experiment record is damaged, or written by a newer weightslab",
-    6: "any other weightslab error (the message says what to do)",
+    6: "any other error: the disk, the operating system, a bad argument (the message says what)",
 }
 
 WIDTH = 80
@@ -601,6 +601,20 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
         return _fail(str(exc), 6)
     except BrokenPipeError:  # `weightslab ls | head`
         return 0
+    except OSError as exc:  # a path too long, a file where a directory belongs, a full or read-only disk
+        return _fail(_os_error(exc), 6)
+    except Exception as exc:  # noqa: BLE001 - a command line answers with one line and its exit code
+        if os.environ.get("WEIGHTSLAB_DEBUG"):
+            raise
+        return _fail(f"{exc} ({type(exc).__name__}; set WEIGHTSLAB_DEBUG=1 for the traceback)", 6)
+
+
+def _os_error(exc: OSError) -> str:
+    """``[Errno 36] File name too long: '/very/long/...'`` as ``/very/long/...: file name too long``."""
+    if exc.filename is None or exc.strerror is None:
+        return str(exc)
+    where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+    return f"{where}: {exc.strerror[:1].lower()}{exc.strerror[1:]}"
 
 
 def _fail(message: str, code: int) -> int:
