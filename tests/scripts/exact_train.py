@@ -144,6 +144,8 @@ for step in range(start + 1, args.steps + 1):
         ballast.weight.add_(1.0)
     counter["seen"] += 16
     counter["history"].append(round(loss.item(), 6))
+    if step == args.slow_copy_at:
+        system.wait()  # the checkpoints before it are durable, whatever the load on the machine
     SLOW["copy"] = step == args.slow_copy_at
     if not args.implicit:
         wl.checkpoint_on_step(step, metrics={"loss": loss.item()})
