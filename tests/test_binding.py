@@ -60,8 +60,8 @@ def test_betas_as_a_list_and_integers_for_floats():
 
 @pytest.mark.parametrize("change, says", [
     ({"momentum": 0.9}, "has no setting 'momentum'"),  # Adam has betas, not momentum
-    ({"lr": "fast"}, "cannot be optimizer 'main''s 'lr'"),
-    ({"lr": -0.1}, "is negative"),
+    ({"lr": "fast"}, "lr = 'fast' is not applied to optimizer 'main' (Adam): lr must be a number"),
+    ({"lr": -0.1}, "lr = -0.1 is not applied to optimizer 'main' (Adam): lr must be >= 0; it keeps 0.1"),
 ])
 def test_a_value_that_cannot_apply_warns_once_and_changes_nothing(caplog, change, says):
     opt = torch.optim.Adam(nn.Linear(2, 2).parameters(), lr=0.1)
