@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--megabytes", type=float, default=26.0)
     args = parser.parse_args()
-    files = {"bomb": alias_bomb(9), "bomb8": alias_bomb(8), "big": big_yaml(args.megabytes)}
+    files = {"bomb": alias_bomb(9), "bomb8": alias_bomb(8), "bomb7": alias_bomb(7), "big": big_yaml(args.megabytes),
+             "limit": big_yaml(0.9)}
     with tempfile.TemporaryDirectory() as work:
         for case in args.cases.split(","):
             hostile = Path(work) / f"{case}.yaml"
