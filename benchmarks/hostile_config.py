@@ -99,8 +99,9 @@ CHILD = textwrap.dedent("""
             if watched.settled and getattr(watched, "content", None) == open(path, "rb").read():
                 break
         after = [boundary() for _ in range(steps)]
+        kept = config["optimizer"] == {"lr": 0.1, "momentum": 0.0}
         out.update(lived=True, before_ms=statistics.median(before) * 1e3, worst_s=max(during + after),
-                   after_ms=statistics.median(after) * 1e3, config_kept=config["optimizer"] == {"lr": 0.1, "momentum": 0.0},
+                   after_ms=statistics.median(after) * 1e3, config_kept=kept,
                    table_loaded="table" in config or "a" in config)
         system.close()
     except BaseException as exc:

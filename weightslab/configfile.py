@@ -232,7 +232,7 @@ class ConfigFile:
         self._read_at = 0  # the events seen when the reader last read the file
         self._ready: _Version | None = None  # read and parsed, not yet taken by the training thread
         self._closing = False
-        self._said: str | None = None  # the last refusal logged by the reader (each said once)
+        self._said: tuple[bytes | None, str] | None = None  # the last refusal logged: (content, why), said once
         first = self._load(0)
         self._content = first.content  # the bytes last read
         self._decided = first.content  # the bytes of the last version the training thread acted on
@@ -311,8 +311,9 @@ class ConfigFile:
                 self._content = version.content
                 if version.problem is not None:
                     self._ready = None  # the file as it is now is refused; an older version is not applied
-                    if version.problem != self._said:
-                        self._said = say = version.problem
+                    if (version.content, version.problem) != self._said:
+                        self._said = (version.content, version.problem)
+                        say = version.problem
                 else:
                     self._said = None
                     self._ready = version if version.content != self._decided else None

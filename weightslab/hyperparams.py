@@ -43,7 +43,8 @@ MAX_NODES = 100_000
 #: The most lists and mappings a value may be nested in, the top-level mapping included.
 MAX_DEPTH = 64
 
-# The C parser (libyaml) where PyYAML was built with it: the same safe rules, 10-20 times faster.
+# The C parser (libyaml) where PyYAML was built with it: the same safe rules, about 5 times faster
+# (0.55 s against 2.7 s for 40,000 keys here), and it refuses nesting past 1,000 levels by itself.
 _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
