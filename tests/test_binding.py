@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import weightslab as wl
-from weightslab.binding import OptimizerBinding
+from weightslab.binding import OptimizerBinding, refusal
 
 
 def _sgd(lr=0.1, **kw):
@@ -60,8 +60,17 @@ def test_betas_as_a_list_and_integers_for_floats():
 
 @pytest.mark.parametrize("change, says", [
     ({"momentum": 0.9}, "has no setting 'momentum'"),  # Adam has betas, not momentum
-    ({"lr": "fast"}, "cannot be optimizer 'main''s 'lr'"),
-    ({"lr": -0.1}, "is negative"),
+    ({"lr": "fast"}, "lr = 'fast' is not applied to optimizer 'main' (Adam): lr must be a number"),
+    ({"lr": -0.1}, "lr = -0.1 is not applied to optimizer 'main' (Adam): lr must be >= 0; it keeps 0.1"),
+    ({"lr": float("nan")}, "lr = nan is not applied to optimizer 'main' (Adam): lr must be finite (not nan or inf)"),
+    ({"lr": float("inf")}, "lr = inf is not applied to optimizer 'main' (Adam): lr must be finite (not nan or inf)"),
+    ({"lr": 10**400}, "lr must be a number a float can hold"),
+    ({"betas": [0.9]}, "betas = [0.9] is not applied to optimizer 'main' (Adam): betas must be a list of 2 values "
+                       "like its current value (0.9, 0.999); it keeps (0.9, 0.999)"),
+    ({"betas": [2.0, 0.999]}, "betas = [2.0, 0.999] is not applied to optimizer 'main' (Adam): each of betas must be "
+                              "in [0, 1)"),
+    ({"betas": [0.9, True]}, "betas must be a number like its current value (0.9, 0.999)"),
+    ({"eps": -1e-8}, "eps = -1e-08 is not applied to optimizer 'main' (Adam): eps must be >= 0"),
 ])
 def test_a_value_that_cannot_apply_warns_once_and_changes_nothing(caplog, change, says):
     opt = torch.optim.Adam(nn.Linear(2, 2).parameters(), lr=0.1)
@@ -71,7 +80,8 @@ def test_a_value_that_cannot_apply_warns_once_and_changes_nothing(caplog, change
     hp["optimizer"].update(change)
     with caplog.at_level(logging.WARNING, logger="weightslab"):
         assert binding.apply({"c": hp}, {"main": opt}, {}) == []
-    assert opt.param_groups[0]["lr"] == 0.1
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.1 and group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and says in messages[0] and "not applied" in messages[0]
 
@@ -132,3 +142,21 @@ def test_a_resume_takes_a_new_baseline_and_applies_nothing(root):
     wl.checkpoint_on_step(3)
     assert opt.param_groups[0]["lr"] == 0.07
     system.close()
+
+
+@pytest.mark.parametrize("key, value, current, rule", [
+    ("momentum", -0.9, 0, "momentum must be >= 0"),  # SGD's default momentum is the int 0
+    ("momentum", 0.9, 0, None),
+    ("eps", [None, 1e-4], (None, 1e-3), None),  # Adafactor's eps pair
+    ("eps", [None, -1.0], (None, 1e-3), "eps must be >= 0"),
+    ("beta2_decay", -0.5, -0.8, None),  # negative where torch takes it (Adafactor)
+    ("rho", 1.0, 0.9, None),
+    ("rho", 1.5, 0.9, "rho must be in [0, 1]"),
+    ("betas", (0.0, 0.5), (0.9, 0.999), None),
+    ("betas", [0.9, 1.0], (0.9, 0.999), "each of betas must be in [0, 1)"),
+    ("lr", True, 0.1, "lr must be a number like its current value 0.1"),
+    ("nesterov", 1, False, "nesterov must be a bool like its current value False"),
+    ("lr", float("-inf"), 0.1, "lr must be finite (not nan or inf)"),
+])
+def test_the_rules_a_bound_value_must_meet(key, value, current, rule):
+    assert refusal(key, value, current) == rule

@@ -187,3 +187,31 @@ def test_a_live_config_copies_pickles_and_compares_like_its_values():
     old_inner = live["optimizer"]
     live.swap({"optimizer": {"lr": 0.3}})
     assert live["optimizer"]["lr"] == 0.3 and old_inner == {"lr": 0.2}  # a nested dict kept aside is the old version
+
+
+def test_a_version_the_check_refuses_stays_refused_until_the_value_is_fixed(tmp_path, caplog):
+    """The check (the optimizer's rules, in a run) refuses the whole edit, and the refused version
+    is not the base of the next merge: the bad value still counts as an edit while it is in the file."""
+    def check(live, values, marks, where):
+        if values["lr"] < 0:
+            raise HyperparamsError(f"{where}, line {marks[('lr',)][0]}: 'lr' = {values['lr']!r} must be >= 0")
+
+    path, live, watched = _watched(tmp_path, "lr: 0.1\nepochs: 3\n", check=check)
+    try:
+        for text in ("lr: -1.0\nepochs: 3\n", "lr: -1.0\nepochs: 4\n"):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="weightslab"):
+                seen = watched.events
+                path.write_text(text)
+                assert watched.wait_for_events(seen + 1, timeout=10)
+                assert _poll_until_settled(watched, path) is None
+            assert any(f"{path}, line 1: 'lr' = -1.0 must be >= 0. The previous configuration is kept" in r.getMessage()
+                       for r in caplog.records), text
+        assert live == {"lr": 0.1, "epochs": 3}
+        seen = watched.events
+        path.write_text("lr: 0.2\nepochs: 4\n")
+        assert watched.wait_for_events(seen + 1, timeout=10)
+        edit = _poll_until_settled(watched, path)
+        assert edit is not None and edit.values == {"lr": 0.2, "epochs": 4}
+    finally:
+        watched.close()

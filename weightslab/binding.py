@@ -14,17 +14,26 @@ every step, so a learning-rate scheduler stays in charge between edits. When a r
 drives the optimizer, an edited ``lr`` is the schedule's new base: ``initial_lr`` and the
 scheduler's ``base_lrs`` take it, and the current ``lr`` is rescaled by the same factor, so the
 schedule goes on from where it was, at the new scale.
+
+A bound value is checked as the optimizer would check it before it is applied (:func:`refusal`):
+the type and arity of the current value (``betas`` is a pair), finite, and in range (``lr``,
+``eps``, ``weight_decay``, ``momentum``, ... >= 0, each of ``betas`` in [0, 1)). An edit of a
+watched file with such a value is refused whole before it reaches the live config
+(:func:`check_edit`, run by the file's check), so what the experiment records is what trains; a
+value the run sets in code is refused here with a warning, and the optimizer keeps its value.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from . import hyperparams as _hp
+from .errors import HyperparamsError
 
-__all__ = ["Assignment", "OptimizerBinding"]
+__all__ = ["Assignment", "OptimizerBinding", "check_edit", "refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,7 @@ class Assignment:
     key: str
     value: Any
     source: str  # "config:optimizer.lr"
+    path: tuple[Any, ...] = ()  # where in its hyperparameters: ("optimizer", "lr")
 
 
 def assignments(hyperparams: Mapping[str, Any], optimizer_names: list[str],
@@ -57,16 +67,85 @@ def assignments(hyperparams: Mapping[str, Any], optimizer_names: list[str],
                 if isinstance(value, Mapping) and key in optimizer_names:
                     for sub, v in value.items():
                         if sub != "params" and not isinstance(v, Mapping):
-                            found[(key, str(sub))] = Assignment(key, str(sub), v, f"{hp_name}:{section}.{key}.{sub}")
+                            found[(key, str(sub))] = Assignment(key, str(sub), v, f"{hp_name}:{section}.{key}.{sub}",
+                                                                (section, key, sub))
                 elif key != "params" and not isinstance(value, Mapping):
-                    found[(None, str(key))] = Assignment(None, str(key), value, f"{hp_name}:{section}.{key}")
+                    found[(None, str(key))] = Assignment(None, str(key), value, f"{hp_name}:{section}.{key}",
+                                                         (section, key))
         for path, target in extra.items():
             value = _hp.at_path(plain, path.split("."))
             if value is None:
                 continue
             name, _, key = target.rpartition(".")
-            found[(name or None, key)] = Assignment(name or None, key, value, f"{hp_name}:{path}")
+            found[(name or None, key)] = Assignment(name or None, key, value, f"{hp_name}:{path}",
+                                                    tuple(path.split(".")))
     return found
+
+
+# What torch's optimizers require of a setting (their constructors' checks), plus finiteness, which
+# they do not check: an lr of inf is accepted and the weights are NaN from the next step.
+_AT_LEAST_ZERO = frozenset({"lr", "eps", "weight_decay", "momentum", "dampening", "alpha", "lr_decay",
+                            "initial_accumulator_value", "momentum_decay", "lambd"})
+_UNIT = {"betas": (True, "each of betas must be in [0, 1)"), "rho": (False, "rho must be in [0, 1]")}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def refusal(key: str, value: Any, current: Any) -> str | None:
+    """Why ``value`` cannot be an optimizer's setting ``key`` whose current value is ``current``
+    (the rule it breaks), or None if it can."""
+    if isinstance(current, (tuple, list)):
+        if not isinstance(value, (tuple, list)) or len(value) != len(current):
+            return f"{key} must be a list of {len(current)} values like its current value {current!r}"
+        pairs = list(zip(value, current))
+    else:
+        pairs = [(value, current)]
+    for v, c in pairs:
+        if _number(c) or (c is None and len(pairs) > 1):  # (Adafactor's eps is (None, 1e-3))
+            if not (_number(v) or (c is None and v is None)):
+                return f"{key} must be a number like its current value {current!r}"
+        elif type(v) is not type(c):
+            return f"{key} must be a {type(c).__name__} like its current value {current!r}"
+    numbers = [v for v, _ in pairs if _number(v)]
+    for v in numbers:
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:
+            return f"{key} must be a number a float can hold"
+        if not finite:
+            return f"{key} must be finite (not nan or inf)"
+    if key in _AT_LEAST_ZERO and any(v < 0 for v in numbers):
+        return f"{key} must be >= 0"
+    if key in _UNIT:
+        below_one, rule = _UNIT[key]
+        if any(v < 0 or v > 1 or (below_one and v == 1) for v in numbers):
+            return rule
+    return None
+
+
+def check_edit(name: str, live: Mapping[str, Any], values: Mapping[str, Any], optimizers: Mapping[str, Any],
+               extra: Mapping[str, str], *, marks: _hp.Marks, where: str) -> None:
+    """Refuse an edit of the hyperparameters ``name`` (``live`` -> ``values``) that changes a bound
+    value to one an optimizer it reaches would not take: HyperparamsError naming the file, the line,
+    the key, the value and the rule."""
+    before = assignments({name: live}, list(optimizers), extra)
+    for slot, a in assignments({name: values}, list(optimizers), extra).items():
+        old = before.get(slot)
+        if old is not None and type(old.value) is type(a.value) and old.value == a.value:
+            continue  # not changed by the edit
+        targets = {a.optimizer: optimizers[a.optimizer]} if a.optimizer in optimizers else \
+            {n: o for n, o in optimizers.items() if a.optimizer is None}
+        for opt_name, opt in targets.items():
+            having = [g for g in opt.param_groups if a.key in g]
+            rule = refusal(a.key, a.value, having[0][a.key]) if having else None
+            if rule is not None:
+                line = marks.get(a.path, (None, None))[0]
+                dotted = ".".join(str(p) for p in a.path)
+                raise HyperparamsError(f"{where}{f', line {line}' if line else ''}: '{dotted}' = {a.value!r} cannot "
+                                       f"be optimizer {opt_name!r}'s {a.key}: {rule} (it is {having[0][a.key]!r}); "
+                                       "fix the value")
 
 
 class OptimizerBinding:
@@ -112,19 +191,15 @@ class OptimizerBinding:
             return []
         value = a.value
         old = having[0][a.key]
+        rule = refusal(a.key, value, old)
+        if rule is not None:
+            self._warn(f"{a.source}: {a.key} = {value!r} is not applied to optimizer {name!r} "
+                       f"({type(opt).__name__}): {rule}; it keeps {old!r}")
+            return []
         if isinstance(old, tuple) and isinstance(value, list):
             value = tuple(value)
-        elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        elif isinstance(old, float) and _number(value):
             value = float(value)
-        number = (int, float)
-        if type(value) is not type(old) and not (isinstance(value, number) and isinstance(old, number)
-                                                 and not isinstance(value, bool) and not isinstance(old, bool)):
-            self._warn(f"{a.source}: {value!r} cannot be optimizer {name!r}'s {a.key!r}, which is a "
-                       f"{type(old).__name__} ({old!r}); the value is not applied")
-            return []
-        if isinstance(value, number) and not isinstance(value, bool) and value < 0:
-            self._warn(f"{a.source}: {a.key} = {value!r} is negative; the value is not applied")
-            return []
         driving = [s for s in schedulers.values() if getattr(s, "optimizer", None) is opt]
         for index, group in enumerate(groups):
             if a.key not in group:

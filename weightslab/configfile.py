@@ -5,18 +5,23 @@ and, while a checkpoint system runs, a :class:`ConfigFile` watches the file:
 
 * the watchdog package watches the file's *directory*, because editors save by writing another
   file and renaming it over the original (vim, IDEs), which a watch on the file itself loses;
-* the watcher thread only counts events. At the next step boundary, once no event came for
-  ``debounce`` seconds (editors write in bursts), the training thread reads the file, compares
-  its bytes with the last version it read, and parses, checks and merges the edit;
+* the observer thread only counts events. Once no event came for ``debounce`` seconds (editors write
+  in bursts), the file's reader thread reads it and parses and checks it: at most
+  :data:`~weightslab.hyperparams.MAX_FILE_BYTES` bytes, :data:`~weightslab.hyperparams.MAX_NODES`
+  values once aliases are expanded, :data:`~weightslab.hyperparams.MAX_DEPTH` levels, with the C
+  parser where PyYAML has it. A YAML alias bomb, a huge file, a directory or a pipe in the file's
+  place is refused there with a warning, and the training loop never waits for it;
+* at the next step boundary the training thread merges the parsed version into the live values
+  (cheap) and checks the values bound to an optimizer as the optimizer would (``check``);
 * an edit is applied as a whole or not at all: the new values are built apart and swapped into
   the live object in one step, so nothing reading it ever sees half an edit;
 * only what the edit changed is applied (a three-way merge against the file's previous version),
   so values the run set at runtime survive every reload; a key deleted from the file keeps its
   value, because the training code may still read it;
 * values YAML 1.1 misreads (``1e-3`` is a string, ``on`` a boolean, ``1.10`` the float 1.1) are
-  coerced to the type the key has in the run, with a warning naming the key; an empty, half-written
-  or unparsable file, or a value of the wrong type, keeps the previous configuration and logs a
-  warning naming the file and the line.
+  coerced to the type the key has in the run, with a warning naming the key; an empty, half-written,
+  unparsable or oversized file, a value of the wrong type, or a value the optimizer refuses keeps
+  the previous configuration and logs a warning naming the file and the line or the limit.
 
 :func:`merge_edit` is the pure policy; :class:`ConfigFile` does the watching and reading.
 """
@@ -30,12 +35,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import HyperparamsError
-from .hyperparams import LiveConfig, Marks, at_path, parse_yaml, restore_in_place, to_plain
+from .hyperparams import LiveConfig, Marks, at_path, parse_yaml, read_config, restore_in_place, to_plain
 
-__all__ = ["ConfigFile", "Edit", "WATCH_MODES", "apply_edits", "fork_edits", "merge_edit"]
+__all__ = ["Check", "ConfigFile", "Edit", "WATCH_MODES", "apply_edits", "fork_edits", "merge_edit"]
 
 log = logging.getLogger(__name__)
 
@@ -185,28 +190,64 @@ def _coerce(current: Any, new: Any, path: tuple[Any, ...], marks: Marks, where: 
     return value
 
 
+@dataclass(frozen=True)
+class _Version:
+    """One version of the file as the reader thread read it: parsed and checked, or refused."""
+
+    events: int  # the file events seen before it was read
+    content: bytes | None  # None: the file is missing
+    data: dict[str, Any] | None = None  # the parsed values (None: refused)
+    marks: Marks | None = None
+    problem: str | None = None  # why it was refused
+
+
+#: What a check of an edit is given: the live values, the edit's new values, where each value was
+#: written, and the file's name; it raises HyperparamsError to refuse the whole edit.
+Check = Callable[[Mapping[str, Any], Mapping[str, Any], Marks, str], None]
+
+
 class ConfigFile:
-    """Watches one YAML file and hands accepted edits to the training thread at step boundaries."""
+    """Watches one YAML file: its reader thread reads and parses each settled version, and the
+    training thread takes accepted edits at step boundaries (:meth:`poll`).
+
+    Reading and parsing, bounded by :func:`~weightslab.hyperparams.read_config` and
+    :func:`~weightslab.hyperparams.parse_yaml` (size, values after alias expansion, depth), happen
+    on the reader thread, so a hostile or huge file costs the training loop nothing; a version
+    refused there is logged there. The training thread only merges a parsed version into the live
+    values and runs ``check`` (the optimizer's rules for bound values): cheap, and against the live
+    values as they are at the boundary.
+    """
 
     def __init__(self, path: Path, live: LiveConfig, *, watch: str = "auto",
-                 debounce: float = DEBOUNCE_SECONDS):
+                 debounce: float = DEBOUNCE_SECONDS, check: Check | None = None):
         if watch not in WATCH_MODES:
             raise ValueError(f"watch must be one of {', '.join(WATCH_MODES)}, got {watch!r}")
         self.path = Path(path)
         self.live = live
         self.debounce = debounce
+        self._check = check
         self._cond = threading.Condition()
-        self._events = 0  # file events seen by the watcher thread
-        self._handled = 0  # events the training thread has acted on
+        self._events = 0  # file events seen by the observer thread
         self._last_event = 0.0
-        self._missing_warned = False
-        self._content = self._read()  # the bytes last read
-        self._before = self._values_of(self._content, fallback=live)  # the file's values as last accepted
+        self._read_at = 0  # the events seen when the reader last read the file
+        self._ready: _Version | None = None  # read and parsed, not yet taken by the training thread
+        self._closing = False
+        self._said: tuple[bytes | None, str] | None = None  # the last refusal logged: (content, why), said once
+        first = self._load(0)
+        self._content = first.content  # the bytes last read
+        self._decided = first.content  # the bytes of the last version the training thread acted on
+        # the file's values as last accepted (the run may have changed its live values since)
+        self._before = first.data if first.data is not None else live.copy()
         self._observer: Any = None
+        self._reader: threading.Thread | None = None
         if watch != "off":
             self._observer = self._start(watch)
+            if self._observer is not None:
+                self._reader = threading.Thread(target=self._read_settled, name=f"weightslab-config-{self.path.name}",
+                                                daemon=True)
+                self._reader.start()
 
-    # --- the watcher thread -----------------------------------------------------------------
+    # --- the observer thread ----------------------------------------------------------------
     def _start(self, watch: str) -> Any:
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
@@ -242,10 +283,81 @@ class ConfigFile:
             self._last_event = time.monotonic()
             self._cond.notify_all()
 
+    # --- the reader thread ------------------------------------------------------------------
+    def _read_settled(self) -> None:
+        """Read and parse the file each time it settles (no event for ``debounce`` seconds: editors
+        write in bursts), until :meth:`close`."""
+        while True:
+            with self._cond:
+                while not self._closing:
+                    if self._events != self._read_at:
+                        quiet = time.monotonic() - self._last_event
+                        if quiet >= self.debounce:
+                            break
+                        self._cond.wait(self.debounce - quiet)
+                    else:
+                        self._cond.wait()
+                if self._closing:
+                    return
+                events = self._events
+            try:
+                version = self._load(events)
+            except Exception as exc:  # noqa: BLE001 - never let this thread die: the run keeps its config
+                version = _Version(events, None, problem=f"{self.path} could not be read ({type(exc).__name__}: "
+                                                         f"{exc})")
+            say = None
+            with self._cond:
+                self._read_at = events
+                self._content = version.content
+                if version.problem is not None:
+                    self._ready = None  # the file as it is now is refused; an older version is not applied
+                    if (version.content, version.problem) != self._said:
+                        self._said = (version.content, version.problem)
+                        say = version.problem
+                else:
+                    self._said = None
+                    self._ready = version if version.content != self._decided else None
+                self._cond.notify_all()
+            if say is not None:
+                log.warning("%s. The previous configuration is kept and training goes on", say.rstrip("."))
+
+    def _load(self, events: int) -> _Version:
+        """Read, parse and check the file as it is now (on the reader thread, and once at start)."""
+        where = str(self.path)
+        try:
+            content = read_config(self.path, missing_ok=True)
+        except HyperparamsError as exc:
+            return _Version(events, None, problem=str(exc))
+        if content is None:
+            return _Version(events, None, problem=f"hyperparameter file {where} is gone (deleted, or being replaced); "
+                                                  "edits apply again once it is back")
+        try:
+            try:
+                text = content.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise HyperparamsError(f"{where} is not UTF-8 text ({exc})") from None
+            data, marks = parse_yaml(text, where=where)
+            if data is None:
+                raise HyperparamsError(f"{where}, line 1: the file is empty (an editor may be half-way through "
+                                       "saving it)")
+            if not isinstance(data, dict):
+                raise HyperparamsError(f"{where}, line 1: the file must hold a mapping of names to values, but "
+                                       f"holds a {type(data).__name__}")
+            to_plain(data, where=where)
+        except HyperparamsError as exc:
+            return _Version(events, content, problem=str(exc))
+        return _Version(events, content, data, marks)
+
+    # --- what any thread may ask ------------------------------------------------------------
     def wait_for_events(self, count: int, timeout: float) -> bool:
         """Wait until the watcher has seen at least ``count`` events of the file since it started."""
         with self._cond:
             return self._cond.wait_for(lambda: self._events >= count, timeout)
+
+    def wait_until_read(self, timeout: float) -> bool:
+        """Wait until the reader has read the file after every event seen so far."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._read_at == self._events or self._closing, timeout)
 
     @property
     def events(self) -> int:
@@ -254,82 +366,56 @@ class ConfigFile:
 
     @property
     def settled(self) -> bool:
-        """True when every event the watcher saw has been acted on at a step boundary."""
+        """True when the file was read after every event the watcher saw, and the version read was
+        refused, unchanged, or taken by the training thread."""
         with self._cond:
-            return self._handled == self._events
+            return self._read_at == self._events and self._ready is None
 
     @property
     def content(self) -> bytes | None:
-        """The file's bytes as last read at a step boundary (None if it was missing)."""
-        return self._content
+        """The file's bytes as last read (None if it was missing or could not be read)."""
+        with self._cond:
+            return self._content
 
     @property
     def watching(self) -> bool:
         return self._observer is not None
 
     def close(self) -> None:
-        """Stop watching (joins the watcher threads). Idempotent."""
+        """Stop watching (joins the observer and reader threads). Idempotent."""
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.stop()
             observer.join()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.join()
 
     # --- the training thread ----------------------------------------------------------------
-    def _values_of(self, content: bytes | None, *, fallback: LiveConfig) -> dict[str, Any]:
-        """The file's values at the start (the run may have changed its live values since)."""
-        try:
-            data, _ = parse_yaml((content or b"").decode("utf-8"), where=str(self.path))
-        except (HyperparamsError, UnicodeDecodeError):
-            data = None
-        return data if isinstance(data, dict) else fallback.copy()
-
-    def _read(self) -> bytes | None:
-        try:
-            return self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-
     def poll(self) -> Edit | None:
-        """Called at a step boundary: the edit to apply now, if the file settled into a new valid
-        version since the last call; None otherwise (nothing happened, the file is still being
-        written, or the new version was rejected with a warning)."""
+        """Called at a step boundary: the edit to apply now, if the file settled into a new version
+        the reader parsed and checked since the last call, and it merges into the live values;
+        None otherwise (nothing happened, the file is still being written or read, or the new
+        version was refused with a warning). Never reads nor parses the file."""
         with self._cond:
-            if self._handled == self._events or time.monotonic() - self._last_event < self.debounce:
-                return None
-            self._handled = self._events
-        content = self._read()
-        if content is None:
-            if not self._missing_warned:
-                self._missing_warned = True
-                log.warning("hyperparameter file %s is gone (deleted, or being replaced); the run keeps its current "
-                            "configuration until the file is back", self.path)
-            return None
-        self._missing_warned = False
-        if content == self._content:
-            return None
-        self._content = content
+            version = self._ready
+            if version is None or version.events != self._events:
+                return None  # nothing new, or the file changed since it was read: the reader reads it again
+            self._ready = None
+            self._decided = version.content
+        assert version.data is not None and version.marks is not None
+        where = str(self.path)
         try:
-            edit = self._accept(content)
+            edit = merge_edit(self.live, self._before, version.data, version.marks, where=where)
+            if self._check is not None and edit.changed:
+                self._check(self.live, edit.values, version.marks, where)
         except HyperparamsError as exc:
             log.warning("%s. The previous configuration is kept and training goes on", str(exc).rstrip("."))
             return None
+        self._before = version.data
         for warning in edit.warnings:
             log.warning("%s", warning)
         return edit if edit.changed else None
-
-    def _accept(self, content: bytes) -> Edit:
-        where = str(self.path)
-        try:
-            text = content.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise HyperparamsError(f"{where} is not UTF-8 text ({exc})") from None
-        data, marks = parse_yaml(text, where=where)
-        if data is None:
-            raise HyperparamsError(f"{where}, line 1: the file is empty (an editor may be half-way through saving it)")
-        if not isinstance(data, dict):
-            raise HyperparamsError(f"{where}, line 1: the file must hold a mapping of names to values, but holds a "
-                                   f"{type(data).__name__}")
-        to_plain(data, where=where)
-        edit = merge_edit(self.live, self._before, data, marks, where=where)
-        self._before = data
-        return edit

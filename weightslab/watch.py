@@ -1,10 +1,14 @@
 """The hyperparameter files a run watches, and the edits it takes from them at step boundaries.
 
 A hyperparameter file registered by path becomes a :class:`~weightslab.hyperparams.LiveConfig`
-watched by a :class:`~weightslab.configfile.ConfigFile` (its observer thread only counts events). At
-each step boundary, on the training thread, :meth:`ConfigWatch.take` asks every file for an accepted
-edit and swaps it into its live config in one assignment, so that change detection, the optimizer
-binding and the checkpoint of that boundary all see the new values.
+watched by a :class:`~weightslab.configfile.ConfigFile` (its own threads notice, read and parse each
+version, within bounds). At each step boundary, on the training thread, :meth:`ConfigWatch.take` asks
+every file for an accepted edit and swaps it into its live config in one assignment, so that change
+detection, the optimizer binding and the checkpoint of that boundary all see the new values. An edit
+that gives a bound optimizer setting a value its optimizer would not take (``lr: .nan``,
+``betas: [0.9]``) is refused whole, before the swap (:func:`~weightslab.binding.check_edit` against
+the registered optimizers, which the watch keeps track of): the experiment never records a value
+that does not train.
 
 In a distributed job every rank must change its hyperparameters at the same step, whatever moment
 its own observer saw the edit: only rank 0 reads the files; the ranks agree at the end of the
@@ -19,10 +23,11 @@ import logging
 from typing import Any, Mapping
 
 from . import codec
+from .binding import check_edit
 from .canonical import canonical_json
-from .configfile import ConfigFile, Edit
+from .configfile import Check, ConfigFile, Edit
 from .distributed.job import Job
-from .hyperparams import LiveConfig
+from .hyperparams import LiveConfig, Marks
 from .ledger import Entry
 
 __all__ = ["ConfigWatch"]
@@ -35,9 +40,11 @@ _Pending = tuple[str, str, Edit]  # (registration name, file, edit)
 class ConfigWatch:
     """The watched files of the registered hyperparameters, by registration name."""
 
-    def __init__(self, *, mode: str):
+    def __init__(self, *, mode: str, optimizer_keys: Mapping[str, str] | None = None):
         self.mode = mode  # "auto" | "poll" | "off" (see CheckpointConfig.watch_files)
+        self.optimizer_keys = dict(optimizer_keys or {})  # CheckpointConfig.optimizer_keys: more bound paths
         self._files: dict[str, ConfigFile] = {}
+        self._optimizers: dict[str, Any] = {}  # the registered optimizers, whose rules an edit must meet
         self._held: list[_Pending] = []  # rank 0 of a job: edits read, applied once every rank agreed
         self._due = False  # every rank agreed at the last boundary to apply rank 0's edits now
 
@@ -51,15 +58,25 @@ class ConfigWatch:
         return bool(self._held)
 
     def attach(self, entry: Entry) -> None:
-        """Watch the file of hyperparameters registered by path (a registration of anything else,
-        or with watching off, is ignored)."""
+        """Watch the file of hyperparameters registered by path, and keep track of the optimizers
+        (a registration of anything else, or with watching off, is ignored)."""
+        if entry.kind == "optimizer":
+            self._optimizers[entry.name] = entry.obj
         if entry.kind == "hyperparams" and entry.source is not None and isinstance(entry.obj, LiveConfig) \
                 and self.mode != "off":
-            self._files[entry.name] = ConfigFile(entry.source, entry.obj, watch=self.mode)
+            self._files[entry.name] = ConfigFile(entry.source, entry.obj, watch=self.mode,
+                                                 check=self._checker(entry.name))
 
     def detach(self, entry: Entry) -> None:
+        if entry.kind == "optimizer" and self._optimizers.get(entry.name) is entry.obj:
+            del self._optimizers[entry.name]
         if entry.kind == "hyperparams" and entry.name in self._files:
             self._files.pop(entry.name).close()
+
+    def _checker(self, name: str) -> Check:
+        def check(live: Mapping[str, Any], values: Mapping[str, Any], marks: Marks, where: str) -> None:
+            check_edit(name, live, values, self._optimizers, self.optimizer_keys, marks=marks, where=where)
+        return check
 
     def agreed(self, edits: bool) -> None:
         """What the ranks agreed at this boundary: rank 0's edits are applied at the next one."""
