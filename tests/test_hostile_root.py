@@ -459,3 +459,37 @@ def test_sizes_that_overflow_the_catalog_do_not_stop_a_listing(root: Path) -> No
     assert listed.returncode == 0, listed.stderr
     (row,) = json.loads(listed.stdout)
     assert row["checkpoints"] == 3 and row["bytes_alone"] >= 3 * 2**62
+
+
+# --- writes never go through a link either ----------------------------------------------------------
+
+def test_the_catalog_never_writes_through_a_link(root: Path, tmp_path: Path) -> None:
+    h = _train(root)
+    victim = tmp_path / "someones.db"
+    victim.write_bytes(b"")  # an empty file is an empty SQLite database: the index would be built in it
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{root / 'index.sqlite'}{suffix}").unlink(missing_ok=True)
+    (root / "index.sqlite").symlink_to(victim)
+    listed = run_cli("ls", "--json", root=root)
+    assert listed.returncode == 0, listed.stderr
+    assert [r["hash"] for r in json.loads(listed.stdout)] == [h]
+    assert victim.read_bytes() == b"" and "symbolic link" in listed.stderr
+
+
+def test_a_commit_never_goes_through_a_linked_experiment_directory(root: Path, tmp_path: Path) -> None:
+    h = _train(root)
+    layout = Layout(root)
+    elsewhere = tmp_path / "elsewhere"
+    layout.model_dir(h).rename(elsewhere)
+    layout.model_dir(h).symlink_to(elsewhere)
+    before = sorted(p.name for p in elsewhere.iterdir())
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False)
+    wl.register_model(model)
+    wl.register_optimizer(opt)
+    wl.checkpoint_on_step(7)
+    with pytest.raises(wl.CheckpointSaveError, match="symbolic link"):
+        system.wait()
+    system.close()
+    assert sorted(p.name for p in elsewhere.iterdir()) == before

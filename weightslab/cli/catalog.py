@@ -347,6 +347,9 @@ class Catalog:
         if not self.layout.root.is_dir():
             # sqlite would create the file but not the root; and a catalog never creates a root.
             raise sqlite3.OperationalError(f"the root {self.layout.root} does not exist")
+        if any(os.path.islink(f"{self.path}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")):
+            # SQLite would write where the link points: never outside the root (a shared root may hold one)
+            raise sqlite3.OperationalError(f"{self.path} (or a file SQLite keeps beside it) is a symbolic link")
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         try:
             self._identity = self._file_identity()

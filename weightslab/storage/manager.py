@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
 from ..refs import Ref, parse_ref
 from ..retention import CheckpointRecord, KeepBest, Retention, RetentionPlan
 from ..triggers import REASONS
@@ -202,6 +202,12 @@ class CheckpointManager:
     def commit(self, request: SaveRequest) -> tuple[Manifest, dict[str, BlobRef]]:
         """Make one checkpoint durable: the pack of the blobs the root does not hold yet first, then
         the manifest (the commit point). Returns the manifest and where each tensor is stored."""
+        h = request.experiment.hash
+        for directory in (self.layout.experiment_dir(h), self.layout.model_dir(h)):
+            if os.path.islink(directory):  # listings skip it: a checkpoint written there would be lost
+                raise WeightslabError(f"refusing to commit {request.ref}: {directory} is a symbolic link, and "
+                                      "weightslab never writes, lists or deletes through links in a root (someone "
+                                      "may have planted it); remove the link")
         self.write_experiment(request.experiment)
         keys = list(request.blobs)
         blobs = [dataclasses.replace(blob, base=self._delta_base(key, blob)) for key, blob in request.blobs.items()]
