@@ -163,9 +163,15 @@ def test_gc_never_deletes_sharded_saves_through_links(root: Path, tmp_path: Path
     shards.unlink()
     shards.mkdir()
     (shards / f"{h}_step_000009.0def").symlink_to(other)  # one save is a link
+    dead = shards / f"{h}_step_000008.0fed"  # a save whose manifest is gone: collected
+    mine = shards / "notes"  # not what a save writes: left alone
+    for d in (dead, mine):
+        d.mkdir()
+        (d / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"x" * 10)
+        os.utime(d, (old, old))
     report = wl.gc(root=root, grace_seconds=0)
-    assert (other / "keep.safetensors").exists()
-    assert report.links_skipped == 1 and report.shard_sets_deleted == 0
+    assert (other / "keep.safetensors").exists() and not dead.exists() and mine.is_dir()
+    assert report.links_skipped == 1 and report.shard_sets_deleted == 1 and report.bytes_freed >= 10
 
 
 # --- 2. a manifest's experiment and step never build a path out of the root ---------------------

@@ -176,7 +176,7 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
                         not directory.is_dir() or now - directory.stat().st_mtime < grace_seconds:
                     continue
                 shard_sets += 1
-                freed += sum(f.stat().st_size for f in directory.iterdir() if f.is_file(follow_symlinks=False))
+                freed += sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and not f.is_symlink())
                 if not dry_run:
                     shutil.rmtree(directory)
     report = GcReport(packs_deleted=deleted, packs_rewritten=rewritten, bytes_freed=freed, bytes_live=live_bytes,

@@ -41,8 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 from . import encoding as _encoding
 from ..errors import CorruptCheckpointError, WeightslabError
 from .atomic import atomic_write, fsync_dir, make_dirs, remove
-from .identifiers import (DIGEST_ALGORITHM, check_count, check_digest, check_fast_check, check_pack,
-                          is_pack_id)
+from .identifiers import DIGEST_ALGORITHM, check_count, check_digest, check_fast_check, check_pack
 from .layout import Layout
 
 try:  # POSIX advisory locks; elsewhere garbage collection relies on its grace period alone
@@ -633,11 +632,6 @@ class BlobStore:
 
     def _check_copy(self, ref: BlobRef, files: "_PackFiles", *, frames: bool, missing_ok: bool,
                     checkpoint: str | None) -> None:
-        if ref.offset < 0:  # a base as a pack header names it: located through the index
-            found = self.index.lookup(ref.digest, rescan=not missing_ok)
-            if found is None and missing_ok:
-                return
-            ref = found or ref
         try:
             self._check_at(ref, files, frames)
             return
