@@ -224,6 +224,8 @@ def test_a_pack_id_that_leaves_the_root_is_a_damaged_checkpoint(root: Path, tmp_
     assert [ref for ref, _ in report.damaged] == [f"{h}@3"] and "pack" in report.damaged[0][1]
     with pytest.raises(wl.CorruptCheckpointError):
         wl.load(f"{h}@3", root=root)
+    exported = run_cli("export", f"{h}@3", str(tmp_path / "out.safetensors"), root=root)
+    assert exported.returncode == 5 and not (tmp_path / "out.safetensors").exists(), exported.stderr
     system = _resumer(root)
     assert system.resume("latest") == 2
     assert not torch.equal(wl.get_model().weight, torch.full((8, 8), 7.0))
@@ -376,6 +378,48 @@ def test_verify_hashes_a_large_blob_in_chunks(root: Path) -> None:
         BlobStore(Layout(root), direct=False).verify_blob(ref)
 
 
+def test_an_encoded_blob_claiming_more_than_its_frame_holds_is_damaged(root: Path) -> None:
+    pytest.importorskip("zstandard")
+    model = nn.Linear(64, 64)
+    with torch.no_grad():
+        model.weight.zero_()  # compresses: stored as a zstd blob
+    system = wl.get_checkpoint_system(root_log_dir=root, checkpoint_frequency=1, save_on_close=False,
+                                      compression="zstd")
+    wl.register_model(model)
+    wl.checkpoint_on_step(1)
+    system.wait()
+    h = system.experiment_hash
+    system.close()
+    LEDGER.clear()
+    assert _body(root, h, 1)["tensors"][WEIGHT]["encoding"] == "zstd"
+    _craft(root, h, 1, lambda b: b["tensors"][WEIGHT].update(shape=[2**20, 2**20], raw_nbytes=2**42))
+    report = wl.verify(root=root)  # (allocating 4 TB would raise MemoryError)
+    assert [ref for ref, _ in report.damaged] == [f"{h}@1"] and "zstd frame" in report.damaged[0][1]
+    with pytest.raises(wl.CorruptCheckpointError, match="zstd frame"):
+        wl.load(f"{h}@1", root=root)
+
+
+def test_a_zstd_frame_is_checked_by_its_headers_alone() -> None:
+    pytest.importorskip("zstandard")
+    from weightslab.storage.encoding import check_frame, encode
+
+    raw = bytes(4 << 20)
+    frame = bytes(encode(raw, itemsize=4, encoding="zstd"))
+    reads: list[int] = []
+
+    def read(at: int, count: int) -> bytes:
+        reads.append(count)
+        return frame[at:at + count]
+
+    check_frame(read, len(frame), len(raw))
+    assert sum(reads) < 200  # headers only: a few bytes per 128 KiB block
+    with pytest.raises(ValueError, match="holds 4194304 bytes where 4194305 were expected"):
+        check_frame(read, len(frame), len(raw) + 1)
+    cut = len(frame) // 2  # the header still says 4 MiB; the blocks that would regenerate them are gone
+    with pytest.raises(ValueError, match="zstd frame ends after"):
+        check_frame(lambda at, count: frame[:cut][at:at + count], cut, len(raw))
+
+
 # --- 8. one malformed manifest does not stop any command ---------------------------------------
 
 def _deep(root: Path, path: Path) -> None:
@@ -404,6 +448,10 @@ def test_one_malformed_manifest_is_skipped_and_reported_by_every_command(root: P
     verified = run_cli("verify", root=root)
     assert verified.returncode == 1 and ref in verified.stdout, verified.stderr
     assert "Traceback" not in verified.stderr
+    pruned = run_cli("prune", "--keep-last", "1", "--dry-run", "--json", root=root)  # retention leaves it alone
+    assert pruned.returncode == 0 and ref not in json.loads(pruned.stdout)["delete"], pruned.stderr
+    collected = run_cli("gc", "--dry-run", root=root)  # refuses, in one line: its blobs are unknown
+    assert collected.returncode == 6 and str(bad) in collected.stderr and "Traceback" not in collected.stderr
     system = _resumer(root)
     assert system.resume("latest") == (3 if damage == "step 2**63" else 2)
     system.close()
