@@ -334,6 +334,14 @@ def test_a_manifest_with_impossible_sizes_is_damaged_and_resume_falls_back(root:
     system.close()
 
 
+def test_the_storage_layer_knows_the_bridges_dtypes() -> None:
+    """Manifests are checked without torch, against the storage layer's own table of dtypes."""
+    from weightslab.storage.identifiers import DTYPE_SIZES
+    from weightslab.tensors import DTYPE_TAGS
+
+    assert {tag: torch.empty((), dtype=d).element_size() for d, tag in DTYPE_TAGS.items()} == DTYPE_SIZES
+
+
 def test_a_location_is_still_a_hint(root: Path) -> None:
     """An offset past the end of its pack is a stale location, not damage: the digest finds the blob."""
     h = _train(root)
