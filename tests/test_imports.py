@@ -32,8 +32,8 @@ PACKAGE = REPO / "weightslab"
 LAYERS: dict[str, list[str]] = {
     "base": ["errors", "_version", "canonical"],
     "policy": ["triggers", "retention", "refs", "distributed.ranks"],
-    "storage": ["storage", "storage.atomic", "storage.layout", "storage.encoding", "storage.store", "storage.manifest",
-                "storage.shardfiles", "storage.experiment", "storage.names", "storage.remote", "storage.root",
+    "storage": ["storage", "storage.identifiers", "storage.atomic", "storage.layout", "storage.encoding",
+                "storage.store", "storage.manifest", "storage.shardfiles", "storage.experiment", "storage.names", "storage.remote", "storage.root",
                 "storage.manager", "storage.garbage", "writer", "ledger"],
     "training": ["hyperparams", "configfile", "codec", "rng", "data", "fingerprint", "change", "binding", "surgery",
                  "tensors", "snapshot", "state", "preemption", "distributed", "distributed.world",

@@ -187,3 +187,40 @@ def test_temp_dirs_cover_every_directory_a_save_writes(root):
 
 def test_temp_dirs_of_an_empty_root(root):
     assert list(Layout(root).temp_dirs()) == [root, root / "checkpoints"]
+
+
+# --- identifiers read from files never build a path out of the root (issue 16) -----------------
+
+@pytest.mark.parametrize("build", [
+    lambda layout: layout.pack("/etc/passwd"),
+    lambda layout: layout.pack(".." + "../" * 8 + "etc/passwd"),
+    lambda layout: layout.pack("A" * 64),
+    lambda layout: layout.experiment_dir("../../victim"),
+    lambda layout: layout.manifest("../" * 5 + "x", 1),
+    lambda layout: layout.manifest(H, -1),
+    lambda layout: layout.manifest(H, True),
+    lambda layout: layout.shards(H, 1, "../../x"),
+    lambda layout: layout.name_file("../x"),
+])
+def test_a_path_is_never_built_from_an_identifier_out_of_its_grammar(root, build):
+    from weightslab.errors import CorruptCheckpointError
+    with pytest.raises(CorruptCheckpointError, match="refusing to build a path"):
+        build(Layout(root))
+
+
+def test_contains_means_inside_the_root_with_no_link_on_the_way(tmp_path):
+    real = tmp_path / "real"
+    (real / "objects" / "ab").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (real / "objects" / "zz").symlink_to(tmp_path / "outside")
+    (tmp_path / "alias").symlink_to(real)  # the root itself may be a link
+    for layout in (Layout(real), Layout(tmp_path / "alias")):
+        assert layout.contains(layout.root) and layout.contains(layout.objects_dir / "ab" / "new-file")
+        assert not layout.contains(layout.objects_dir / "zz") and not layout.contains(layout.objects_dir / "zz" / "f")
+        assert not layout.contains(tmp_path / "outside") and not layout.contains(layout.root / ".." / "outside")
+    assert Layout(real).objects_links() == [real / "objects" / "zz"]
+
+
+def test_max_step_is_shared_by_the_layout_and_the_identifiers():
+    from weightslab.storage import identifiers, layout
+    assert layout.MAX_STEP is identifiers.MAX_STEP == 2**63 - 1

@@ -217,16 +217,19 @@ def test_gc_of_a_remote_root_deletes_only_old_unreferenced_objects(url, staging)
     run.close()
     fs, base = fsspec.core.url_to_fs(url)
     live = sorted(fs.glob(f"{base}/objects/*/*.safetensors"))
-    fs.pipe(f"{base}/objects/zz/{'0' * 62}.safetensors", b"an orphan pack")  # no manifest names it
-    fs.pipe(f"{base}/objects/zz/.tmp.dead.upload.safetensors", b"a dead upload")
+    fan = next(f"{i:02x}" for i in range(256) if not fs.exists(f"{base}/objects/{i:02x}"))
+    fs.pipe(f"{base}/objects/{fan}/{'0' * 62}.safetensors", b"an orphan pack")  # no manifest names it
+    fs.pipe(f"{base}/objects/{fan}/.tmp.dead.upload.safetensors", b"a dead upload")
+    fs.pipe(f"{base}/objects/zz/{'0' * 62}.safetensors", b"not named like a pack")  # not ours: never deleted
     young = wl.gc(root=url)  # default grace: both are too young to judge
     assert young.packs_deleted == 0 and young.bytes_dead_kept == len(b"an orphan pack") + len(b"a dead upload")
     dry = wl.gc(root=url, grace_seconds=0, dry_run=True)
-    assert dry.packs_deleted == 2 and len(fs.glob(f"{base}/objects/zz/*")) == 2  # a dry run deletes nothing
+    assert dry.packs_deleted == 2 and len(fs.glob(f"{base}/objects/{fan}/*")) == 2  # a dry run deletes nothing
     report = wl.gc(root=url, grace_seconds=0)
     assert report.packs_deleted == 2 and report.bytes_freed == len(b"an orphan pack") + len(b"a dead upload")
-    assert sorted(fs.glob(f"{base}/objects/*/*.safetensors")) == live
-    assert not fs.exists(f"{base}/objects/zz/.tmp.dead.upload.safetensors")
+    assert sorted(p for p in fs.glob(f"{base}/objects/*/*.safetensors") if "/zz/" not in p) == live
+    assert not fs.exists(f"{base}/objects/{fan}/.tmp.dead.upload.safetensors")
+    assert fs.exists(f"{base}/objects/zz/{'0' * 62}.safetensors")
     staging("machine-b")
     again = Run(url)
     assert again.system.resume() == 4

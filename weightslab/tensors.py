@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from .errors import CorruptCheckpointError
 from .storage.store import Blob
 
 if TYPE_CHECKING:
@@ -47,8 +48,8 @@ def dtype_tag(dtype: torch.dtype, *, key: str = "") -> str:
 def tag_dtype(tag: str) -> torch.dtype:
     try:
         return _TAG_DTYPES[tag]
-    except KeyError:
-        raise ValueError(f"unknown tensor dtype {tag!r} in a checkpoint") from None
+    except (KeyError, TypeError):  # (manifests are checked when read: only a record built by hand gets here)
+        raise CorruptCheckpointError(f"unknown tensor dtype {tag!r} in a checkpoint") from None
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -72,7 +73,9 @@ def blob_of(key: str, tensor: torch.Tensor) -> Blob:
 def load_tensors(manager: "CheckpointManager", manifest: "Manifest") -> dict[str, torch.Tensor]:
     """Every tensor of a committed checkpoint, each byte checked against its digest (a remote
     root's packs are fetched first). Tensors stored once under several keys (tied weights) are
-    read once and copied."""
+    read once and copied. Nothing is allocated before every blob's size was checked against the
+    packs that hold it: a manifest cannot make this allocate more than the root stores."""
+    manager.check_stored(manifest)
     first: dict[tuple[str, str, tuple[int, ...]], str] = {}
     aliases: list[tuple[str, str]] = []
     tensors: dict[str, torch.Tensor] = {}

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Ty
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
 from ..retention import CheckpointRecord, KeepBest
 from ..storage.experiment import ExperimentRecord
+from ..storage.identifiers import MAX_COUNT
 from ..storage.layout import Layout
 from ..storage.manifest import Manifest
 from ..storage.names import read_names
@@ -139,7 +140,8 @@ FROM (SELECT experiment, COUNT(*) AS n, MIN(step) AS first_step, MAX(step) AS la
       FROM checkpoints GROUP BY experiment) AS c
 LEFT JOIN (
     -- a blob is an experiment's alone when every checkpoint referencing it belongs to it
-    SELECT experiment, SUM(nbytes) AS bytes_alone FROM (
+    -- (TOTAL, a float, never overflows: blobs' sizes are checked one by one, not their sum)
+    SELECT experiment, TOTAL(nbytes) AS bytes_alone FROM (
         SELECT MIN(c.experiment) AS experiment, MAX(b.nbytes) AS nbytes
         FROM blobs AS b JOIN checkpoints AS c ON c.id = b.checkpoint_id
         GROUP BY b.digest
@@ -264,8 +266,8 @@ def _metrics(manifest: Manifest) -> tuple[tuple[str, float | None], ...]:
 
 
 def _superseded(manifest: Manifest) -> int:
-    return sum(len(c.get("steps", ())) for c in manifest.changes
-               if isinstance(c, Mapping) and c.get("kind") == "superseded")
+    return sum(len(c["steps"]) for c in manifest.changes
+               if isinstance(c, Mapping) and c.get("kind") == "superseded" and isinstance(c.get("steps"), list))
 
 
 def _read_manifest(path: Path, experiment: str, key: str) -> _Indexed:
@@ -274,11 +276,14 @@ def _read_manifest(path: Path, experiment: str, key: str) -> _Indexed:
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         data = f.read()
-    manifest = Manifest.from_bytes(data, path=path)
+    manifest = Manifest.from_bytes(data, path=path)  # (every field checked: steps and sizes fit an INTEGER)
     blobs: dict[str, int] = {}
     for tensor in manifest.tensors.values():
         for ref in tensor.blob.chain():  # a delta needs its base: deleting it would not free the base
             blobs[ref.digest] = ref.nbytes
+    if manifest.total_bytes > MAX_COUNT:
+        raise CorruptCheckpointError(f"manifest {path} records {manifest.total_bytes:,} bytes of tensors, more than "
+                                     "any root holds; it was damaged or edited", path=path)
     return _Indexed(path=key, mtime_ns=st.st_mtime_ns, size=st.st_size, experiment=experiment,
                     step=manifest.step, created_ns=manifest.created_ns, reasons=json.dumps(list(manifest.reasons)),
                     nbytes=manifest.total_bytes, superseded=_superseded(manifest), metrics=_metrics(manifest),
@@ -342,6 +347,9 @@ class Catalog:
         if not self.layout.root.is_dir():
             # sqlite would create the file but not the root; and a catalog never creates a root.
             raise sqlite3.OperationalError(f"the root {self.layout.root} does not exist")
+        if any(os.path.islink(f"{self.path}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")):
+            # SQLite would write where the link points: never outside the root (a shared root may hold one)
+            raise sqlite3.OperationalError(f"{self.path} (or a file SQLite keeps beside it) is a symbolic link")
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         try:
             self._identity = self._file_identity()
@@ -494,7 +502,8 @@ class Catalog:
                 read.append(self._read_manifest(self.layout.root / path, h, path))
             except (FileNotFoundError, CheckpointNotFoundError):
                 unreadable.add(path)  # deleted since the listing
-            except (OSError, CorruptCheckpointError, ValueError, KeyError, TypeError) as exc:
+            except (OSError, WeightslabError, ValueError, KeyError, TypeError, AttributeError, RecursionError,
+                    OverflowError) as exc:  # (one unreadable manifest never stops a listing)
                 log.warning("the catalog skips the checkpoint manifest %s: it cannot be read (%s); it is tried "
                             "again at the next refresh, and wl.verify() lists every damaged checkpoint",
                             self.layout.root / path, exc)
@@ -553,7 +562,7 @@ class Catalog:
             return _read_experiment(path, h)
         except FileNotFoundError:
             return _ExperimentIndexed(hash=h, mtime_ns=None, size=None)
-        except (OSError, WeightslabError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, WeightslabError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             # Stored without a stat, so it is read again at the next refresh.
             log.warning("the catalog lists experiment %s without its lineage: %s cannot be read (%s)", h, path, exc)
             return _ExperimentIndexed(hash=h, mtime_ns=None, size=None)

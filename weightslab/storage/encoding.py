@@ -24,11 +24,11 @@ file I/O and no torch, and no Python loop runs per element.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-__all__ = ["ENCODINGS", "encode", "decode", "zstandard_module"]
+__all__ = ["ENCODINGS", "encode", "decode", "check_frame", "zstandard_module"]
 
 ENCODINGS = ("raw", "zstd", "xor-zstd")
 
@@ -289,6 +289,47 @@ def _decompress_into(stored: memoryview, target: np.ndarray, raw_nbytes: int) ->
         raise _damaged(f"it decompressed to {got} bytes where {raw_nbytes} were expected")
     if extra:
         raise _damaged(f"its zstd frame decompresses to more than the {raw_nbytes} bytes its header records")
+
+
+#: The most bytes one zstd block regenerates (RFC 8878, Block_Maximum_Size).
+_BLOCK_MAX = 128 << 10
+_FRAME_HEADER_MAX = 18
+
+
+def check_frame(read: Callable[[int, int], bytes], nbytes: int, raw_nbytes: int) -> None:
+    """Check, before a buffer of ``raw_nbytes`` is allocated to decode it into, that the zstd frame
+    of ``nbytes`` stored bytes records ``raw_nbytes`` as its content size and that its blocks can
+    regenerate that many bytes. Only headers are read (``read(offset, count)`` returns the stored
+    bytes there): the frame header, then one 3-byte header per block until the blocks could hold
+    ``raw_nbytes``. A record or a frame header that lies about the size raises ValueError (damaged).
+    """
+    zstd = zstandard_module()
+    head = read(0, min(nbytes, _FRAME_HEADER_MAX))
+    try:
+        content_size = zstd.get_frame_parameters(head).content_size
+        header_size = zstd.frame_header_size(head)
+    except zstd.ZstdError as exc:
+        raise _damaged(f"its zstd frame header is unreadable ({exc})") from None
+    if content_size == zstd.CONTENTSIZE_UNKNOWN:
+        raise _damaged("its zstd frame header does not record the content size, which weightslab always writes")
+    if content_size != raw_nbytes:
+        raise _damaged(f"its zstd frame holds {content_size} bytes where {raw_nbytes} were expected")
+    position, capacity = header_size, 0
+    while capacity < raw_nbytes:
+        if position + 3 > nbytes:
+            raise _damaged(f"its zstd frame ends after {capacity} of the {raw_nbytes} bytes its header records")
+        block_header = int.from_bytes(read(position, 3), "little")
+        block_type, block_size = (block_header >> 1) & 0x3, block_header >> 3
+        if block_type == 3:
+            raise _damaged("its zstd frame contains a block of the reserved type 3")
+        # raw and RLE blocks say what they regenerate; a compressed one regenerates at most _BLOCK_MAX
+        capacity += _BLOCK_MAX if block_type == 2 else block_size
+        position += 3 + (1 if block_type == 1 else block_size)
+        if block_header & 0x1:  # Last_Block
+            break
+    if capacity < raw_nbytes:
+        raise _damaged(f"its zstd frame's blocks regenerate at most {capacity} bytes, not the {raw_nbytes} its "
+                       "header records")
 
 
 def _frame_size(stored: memoryview, header_size: int) -> int:

@@ -8,11 +8,13 @@ change, a resume with changes). Parents link experiments into a lineage graph.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..errors import CorruptCheckpointError, FormatVersionError
+from .identifiers import check_experiment, check_step, is_experiment_hash
 from .manifest import FORMAT_VERSION, seal, unseal
 
 if TYPE_CHECKING:  # (fingerprint imports torch; reading a record must not)
@@ -40,8 +42,18 @@ class Parent:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Parent":
-        return cls(experiment=str(data["experiment"]), step=int(data["step"]), reason=str(data["reason"]),
-                   changes=tuple(data.get("changes", ())))
+        """Read what :meth:`to_json` wrote, checked: the parent's experiment and step build refs and paths."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"parent is {type(data).__name__}, not a mapping")
+        changes = data.get("changes", [])
+        if not isinstance(changes, list) or not all(isinstance(c, str) for c in changes):
+            raise ValueError("the parent's changes are not a list of strings")
+        step = data["step"]
+        if isinstance(step, str) and re.fullmatch(r"[0-9]{1,19}", step):  # (read as before: "7" is step 7)
+            step = int(step)
+        return cls(experiment=check_experiment(data["experiment"], "the parent's experiment"),
+                   step=check_step(step, "the parent's step"), reason=_text(data["reason"], "reason"),
+                   changes=tuple(changes))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,20 +109,43 @@ class ExperimentRecord:
         try:
             body = unseal(data, path=path, kind=KIND)
             parent = body.get("parent")
-            return cls(hash=str(body["experiment"]), created=str(body["created"]),
-                       architecture_digest=str(body["architecture_digest"]),
-                       hyperparams_digest=str(body["hyperparams_digest"]),
-                       architecture=list(body["architecture"]), hyperparams=dict(body["hyperparams"]),
-                       excluded_keys=tuple(body.get("excluded_keys", ())),
-                       parent=Parent.from_json(parent) if parent else None,
-                       branch=body.get("branch"), versions=dict(body.get("versions", {})))
+            excluded = body.get("excluded_keys", [])
+            if not isinstance(excluded, list) or not all(isinstance(k, str) for k in excluded):
+                raise ValueError("excluded_keys is not a list of strings")
+            branch = body.get("branch")
+            record = cls(hash=check_experiment(body["experiment"]), created=_text(body["created"], "created"),
+                         architecture_digest=_text(body["architecture_digest"], "architecture_digest"),
+                         hyperparams_digest=_text(body["hyperparams_digest"], "hyperparams_digest"),
+                         architecture=_typed(body["architecture"], list, "architecture"),
+                         hyperparams=dict(_typed(body["hyperparams"], dict, "hyperparams")),
+                         excluded_keys=tuple(excluded),
+                         parent=Parent.from_json(parent) if parent is not None else None,
+                         branch=_text(branch, "branch") if branch is not None else None,
+                         versions=dict(_typed(body.get("versions", {}), dict, "versions")))
         except FormatVersionError:
             raise
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(f"experiment record {exc}. {advice}", path=path) from None
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
             raise CorruptCheckpointError(f"experiment record {path} is missing a field or has a bad value "
                                          f"({type(exc).__name__}: {exc}). {advice}", path=path) from None
+        directory = Path(path).parent.name
+        if is_experiment_hash(directory) and directory != record.hash:
+            raise CorruptCheckpointError(f"experiment record {path} is the record of experiment {record.hash}, not of "
+                                         f"{directory}, whose directory it is in. {advice}", path=path)
+        return record
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} {value!r} is not a string")
+    return value
+
+
+def _typed(value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} is {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 def descendants(root: str, parents: Mapping[str, str | None]) -> set[str]:

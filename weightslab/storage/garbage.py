@@ -14,13 +14,17 @@ for writers on machines whose locks it cannot see (network filesystems).
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
-from .layout import PACK_SUFFIX
+from .identifiers import is_experiment_hash
+from .layout import PACK_SUFFIX, Layout
 from .manager import CheckpointManager
 from .manifest import Manifest
 from .remote import RemoteRoot, modified
@@ -40,13 +44,55 @@ class GcReport:
     live_blobs: int
     dry_run: bool
     shard_sets_deleted: int = 0  # directories of sharded tensors no manifest references
+    links_skipped: int = 0  # symbolic links found where packs or sharded saves live: never followed
 
     def __str__(self) -> str:
         verb = "would free" if self.dry_run else "freed"
         shards = f", {self.shard_sets_deleted} sharded saves deleted" if self.shard_sets_deleted else ""
+        links = f"; {self.links_skipped} symbolic links skipped" if self.links_skipped else ""
         return (f"{verb} {self.bytes_freed:,} bytes ({self.packs_deleted} packs deleted{shards}, {self.packs_rewritten} "
                 f"rewritten); {self.live_blobs} live blobs hold {self.bytes_live:,} bytes; "
-                f"{self.bytes_dead_kept:,} dead bytes left in young or mostly live packs")
+                f"{self.bytes_dead_kept:,} dead bytes left in young or mostly live packs{links}")
+
+
+def _skip_link(path: Path | str) -> int:
+    log.warning("garbage collection skips %s: it is a symbolic link, and weightslab never deletes through links "
+                "(a link planted in a shared root must not make it delete what the link points to); move what it "
+                "points to into the root, or remove the link", path)
+    return 1
+
+
+_FANOUT = re.compile(r"[0-9a-f]{2}")
+
+
+def _is_shard_file(relative: str) -> bool:
+    """``checkpoints/<hash>/shards/<hash>_step_<step>.<token>/<file>.safetensors``: a sharded save's file."""
+    parts = relative.split("/")
+    return len(parts) == 5 and is_experiment_hash(parts[1]) and parts[2] == "shards" and \
+        Layout.is_shard_save(parts[3], parts[1]) and parts[4].endswith(PACK_SUFFIX) and not parts[4].startswith(".")
+
+
+class _Links:
+    """Whether a remote path, or a folder on its way from the root, is a symbolic link (only a local
+    filesystem, ``file://``, has links; an object store is asked nothing)."""
+
+    def __init__(self, fs: Any, base: str):
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        self._local = bool({"file", "local"} & set(protocols))
+        self._fs, self._base = fs, base
+        self._seen: dict[str, bool] = {}
+
+    def __call__(self, path: str) -> bool:
+        if not self._local:
+            return False
+        parts = path[len(self._base) + 1:].split("/")
+        for i in range(1, len(parts) + 1):
+            here = "/".join([self._base, *parts[:i]])
+            if here not in self._seen:
+                self._seen[here] = bool(self._fs.info(here).get("islink"))
+            if self._seen[here]:
+                return True
+        return False
 
 
 def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_below: float = 0.5,
@@ -59,12 +105,13 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
     if grace_seconds < 0 or not 0 <= repack_below <= 1:
         raise ValueError("grace_seconds must be >= 0 and repack_below between 0 and 1")
     store = manager.store
+    layout = manager.layout
     with store.lock(exclusive=True):
         live: set[str] = set()
         live_shards: set[Path] = set()
         for entry in manager.checkpoints():
             try:
-                manifest = manager.read_manifest(entry)
+                manifest = manager.read_manifest(entry, sizes=False)  # (only its digests count here)
             except CheckpointNotFoundError:
                 continue  # deleted by retention meanwhile
             except CorruptCheckpointError as exc:
@@ -80,6 +127,10 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
         now = time.time()
         deleted = rewritten = freed = live_bytes = dead_kept = live_count = 0
         counted: set[str] = set()
+        links = sum(_skip_link(path) for path in layout.objects_links())
+        deletable = layout.contains(layout.objects_dir)
+        if not deletable and layout.objects_dir.is_dir():
+            links += _skip_link(layout.objects_dir)
         for info in store.packs():
             alive = [b for b in info.blobs if b.digest in live]
             for b in alive:
@@ -91,7 +142,8 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
             if dead == 0:
                 continue
             kept = sum(b.nbytes for b in alive)
-            if now - info.mtime < grace_seconds or (alive and kept >= repack_below * (kept + dead)):
+            if now - info.mtime < grace_seconds or (alive and kept >= repack_below * (kept + dead)) or \
+                    not deletable or not layout.contains(info.path):
                 dead_kept += dead
                 continue
             if not alive:
@@ -110,17 +162,26 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
         # Sharded saves (a directory per checkpoint, written by every rank of a job) whose manifest
         # retention deleted, or that never committed; young ones may be a save still being written.
         shard_sets = 0
-        for exp in manager.layout.experiments():
-            base = manager.layout.shards_dir(exp)
+        for exp in layout.experiments():  # (none of them a link)
+            base = layout.shards_dir(exp)
+            if os.path.islink(base) or not layout.contains(layout.experiment_dir(exp)):
+                links += _skip_link(base)
+                continue
             for directory in sorted(base.iterdir()) if base.is_dir() else ():
-                if directory in live_shards or not directory.is_dir() or now - directory.stat().st_mtime < grace_seconds:
+                if directory.is_symlink():
+                    links += _skip_link(directory)
+                    continue
+                # only what a save of this experiment writes (rmtree itself never follows the links inside)
+                if directory in live_shards or not Layout.is_shard_save(directory.name, exp) or \
+                        not directory.is_dir() or now - directory.stat().st_mtime < grace_seconds:
                     continue
                 shard_sets += 1
-                freed += sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+                freed += sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and not f.is_symlink())
                 if not dry_run:
                     shutil.rmtree(directory)
     report = GcReport(packs_deleted=deleted, packs_rewritten=rewritten, bytes_freed=freed, bytes_live=live_bytes,
-                      bytes_dead_kept=dead_kept, live_blobs=live_count, dry_run=dry_run, shard_sets_deleted=shard_sets)
+                      bytes_dead_kept=dead_kept, live_blobs=live_count, dry_run=dry_run, shard_sets_deleted=shard_sets,
+                      links_skipped=links)
     log.info("garbage collection under %s: %s", manager.root, report)
     return report
 
@@ -152,11 +213,17 @@ def collect_remote(remote: RemoteRoot, *, grace_seconds: float = 300.0, dry_run:
                 digests.add(blob.digest)
         live_shards.update(remote.path_of(f) for f in remote.shard_files(manifest))
     now = time.time()
-    deleted = freed = live_bytes = dead_kept = 0
+    deleted = freed = live_bytes = dead_kept = links = 0
+    linked = _Links(fs, base)
     objects = fs.glob(f"{base}/objects/*/*")
     shard_files = [f for f in fs.glob(f"{base}/checkpoints/*/shards/*/*") if f not in live_shards]
     shard_sets = set()
     for path in shard_files:  # sharded saves whose manifest was deleted (or never uploaded)
+        if not _is_shard_file(path[len(base) + 1:]):
+            continue  # not what a save writes: never ours to delete
+        if linked(path):
+            links += _skip_link(path)
+            continue
         info = fs.info(path)
         written = modified(info)
         if written is None or now - written < grace_seconds:
@@ -169,11 +236,14 @@ def collect_remote(remote: RemoteRoot, *, grace_seconds: float = 300.0, dry_run:
     for path in objects:
         folder, name = path.rsplit("/", 2)[-2:]
         temporary = name.startswith(".tmp.")
-        if not temporary and not name.endswith(PACK_SUFFIX):
+        pack = Layout.parse_pack_path(folder, name)
+        if pack is None and not (temporary and _FANOUT.fullmatch(folder)):
+            continue  # neither a pack nor an upload of one: not ours to delete
+        if linked(path):
+            links += _skip_link(path)
             continue
         info = fs.info(path)
         size = int(info.get("size") or 0)
-        pack = folder + name[: -len(PACK_SUFFIX)] if not temporary else None
         if pack in live:
             live_bytes += size
             continue
@@ -187,6 +257,6 @@ def collect_remote(remote: RemoteRoot, *, grace_seconds: float = 300.0, dry_run:
             fs.rm(path)
     report = GcReport(packs_deleted=deleted, packs_rewritten=0, bytes_freed=freed, bytes_live=live_bytes,
                       bytes_dead_kept=dead_kept, live_blobs=len(digests), dry_run=dry_run,
-                      shard_sets_deleted=len(shard_sets))
+                      shard_sets_deleted=len(shard_sets), links_skipped=links)
     log.info("garbage collection of %s: %s", remote.url, report)
     return report

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
 from ..refs import Ref, parse_ref
 from ..retention import CheckpointRecord, KeepBest, Retention, RetentionPlan
 from ..triggers import REASONS
@@ -202,6 +202,12 @@ class CheckpointManager:
     def commit(self, request: SaveRequest) -> tuple[Manifest, dict[str, BlobRef]]:
         """Make one checkpoint durable: the pack of the blobs the root does not hold yet first, then
         the manifest (the commit point). Returns the manifest and where each tensor is stored."""
+        h = request.experiment.hash
+        for directory in (self.layout.experiment_dir(h), self.layout.model_dir(h)):
+            if os.path.islink(directory):  # listings skip it: a checkpoint written there would be lost
+                raise WeightslabError(f"refusing to commit {request.ref}: {directory} is a symbolic link, and "
+                                      "weightslab never writes, lists or deletes through links in a root (someone "
+                                      "may have planted it); remove the link")
         self.write_experiment(request.experiment)
         keys = list(request.blobs)
         blobs = [dataclasses.replace(blob, base=self._delta_base(key, blob)) for key, blob in request.blobs.items()]
@@ -418,8 +424,25 @@ class CheckpointManager:
         return entry
 
     # --- reading ----------------------------------------------------------------------------
-    def read_manifest(self, entry: CheckpointEntry | Path) -> Manifest:
-        return Manifest.read(entry.path if isinstance(entry, CheckpointEntry) else Path(entry))
+    def read_manifest(self, entry: CheckpointEntry | Path, *, sizes: bool = True) -> Manifest:
+        """A checkpoint's manifest, verified by its digest, every identifier by its grammar (the file
+        name and the content agree) and, with ``sizes``, every blob's stored size against the real
+        size of the pack it is recorded in (stat only; a pack not here, as on a remote root, is
+        checked when read): a crafted or damaged manifest raises CorruptCheckpointError here, so a
+        resume falls back from it before anything else looks at it."""
+        manifest = Manifest.read(entry.path if isinstance(entry, CheckpointEntry) else Path(entry))
+        if sizes:
+            self.store.check_stored((t.blob for t in manifest.tensors.values()), checkpoint=manifest.ref,
+                                    frames=False, missing_ok=True)
+        return manifest
+
+    def check_stored(self, manifest: Manifest) -> None:
+        """Before buffers are allocated for a checkpoint's tensors: the packs it needs fetched (a
+        remote root), and every blob's sizes checked against the real packs and zstd frames
+        (:meth:`BlobStore.check_stored`); CorruptCheckpointError names the first that does not fit."""
+        if self.remote is not None:
+            self.remote.pull_packs(manifest)
+        self.store.check_stored((t.blob for t in manifest.tensors.values()), checkpoint=manifest.ref)
 
     def read_tensors(self, manifest: Manifest, into: Mapping[str, BytesLike]) -> None:
         """Read the bytes of the checkpoint's tensors ``into`` buffers (by tensor key), each byte
@@ -471,7 +494,7 @@ class CheckpointManager:
                 blob = tensor.blob
                 if blob.digest not in verified:
                     try:
-                        self.store.read(blob, strong=True)  # SHA-256, not the fast checksum
+                        self.store.verify_blob(blob)  # SHA-256 (not the fast checksum), in bounded memory
                         verified[blob.digest] = None
                         nbytes += blob.size
                     except CorruptCheckpointError as exc:
@@ -527,9 +550,13 @@ class CheckpointManager:
             return plan
         touched = set()
         for record in plan.delete:
+            path = self.layout.manifest(record.experiment, record.step)
+            if not self.layout.contains(path):  # (experiments() lists no link; a checkpoints/ that is one)
+                log.warning("retention leaves %s alone: it is reached through a symbolic link out of the root "
+                            "%s, and weightslab never deletes through links", path, self.root)
+                continue
             if self.remote is not None:
                 self.remote.delete(record.experiment, record.step)
-            path = self.layout.manifest(record.experiment, record.step)
             remove(path)
             self._records.pop(path, None)
             touched.add(path.parent)

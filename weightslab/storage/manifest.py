@@ -17,6 +17,10 @@ from typing import Any, Mapping
 
 from ..canonical import TAG, canonical_json
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from .identifiers import (check_count, check_dtype, check_experiment, check_shape, check_step, is_experiment_hash,
+                          shape_nbytes)
+from .layout import Layout
+from .shardfiles import ShardedFiles
 from .store import BlobRef
 
 __all__ = ["FORMAT_VERSION", "DISTRIBUTED_FORMAT_VERSION", "READABLE_VERSIONS", "Manifest", "TensorEntry", "seal", "unseal"]
@@ -55,6 +59,8 @@ def unseal(data: bytes, *, path: Path | str, kind: str) -> dict[str, Any]:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"{path} is not valid JSON ({exc}); it is damaged", path=path) from None
+    except RecursionError:  # (JSON nested deeper than Python's recursion limit: never written by weightslab)
+        raise CorruptCheckpointError(f"{path} is JSON nested too deep to read; it is damaged", path=path) from None
     if not isinstance(body, dict) or body.get("kind") != kind:
         raise CorruptCheckpointError(f"{path} is not a {kind} document", path=path)
     version = body.get("format_version")
@@ -63,7 +69,12 @@ def unseal(data: bytes, *, path: Path | str, kind: str) -> dict[str, Any]:
             f"{path} has format_version {version!r}, but this weightslab reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade weightslab (pip install -U weightslab) to read it")
     recorded = body.pop("digest", None)
-    if recorded != _digest(body):
+    try:
+        expected = _digest(body)
+    except (ValueError, TypeError, RecursionError) as exc:  # nested too deep, a NaN: not what seal() writes
+        raise CorruptCheckpointError(f"{path} cannot be digested ({type(exc).__name__}); it is damaged",
+                                     path=path) from None
+    if recorded != expected:
         raise CorruptCheckpointError(f"{path} does not match its digest; it is damaged", path=path)
     return body
 
@@ -79,8 +90,18 @@ class TensorEntry:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TensorEntry":
-        return cls(dtype=str(data["dtype"]), shape=tuple(int(s) for s in data["shape"]),
-                   blob=BlobRef.from_json(data))
+        """Every field checked (ValueError saying which is wrong): the dtype is a known one and the
+        shape's bytes are the blob's raw size, so reading it allocates what the blob holds."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a tensor record is {type(data).__name__}, not a mapping")
+        if "dtype" not in data or "shape" not in data:
+            raise ValueError("a tensor record lacks its dtype or shape")
+        dtype, shape = check_dtype(data["dtype"]), check_shape(data["shape"])
+        blob = BlobRef.from_json(data)
+        if shape_nbytes(dtype, shape) != blob.size:
+            raise ValueError(f"shape {list(shape)} of {dtype} holds {shape_nbytes(dtype, shape):,} bytes, but its blob "
+                             f"holds {blob.size:,}")
+        return cls(dtype=dtype, shape=shape, blob=blob)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +140,7 @@ class Manifest:
                 value = value.get("value", "nan")
             try:
                 out[str(name)] = float(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # (10**400: a number no float holds)
                 log.warning("checkpoint %s: metric %r is %r, not a number; ignored", self.ref, name, value)
         return out
 
@@ -152,25 +173,55 @@ class Manifest:
             raise CorruptCheckpointError(f"checkpoint manifest {exc}. Resume an earlier checkpoint, or run "
                                          "wl.verify() to list every damaged one.", path=path) from None
         try:
-            return cls(
-                experiment=str(body["experiment"]),
-                step=int(body["step"]),
-                created=str(body["created"]),
-                created_ns=int(body["created_ns"]),
-                reasons=tuple(body.get("reasons", ())),
-                changes=tuple(body.get("changes", ())),
-                metrics=dict(body.get("metrics", {})),
-                run=str(body.get("run", "")),
-                resumed_from=body.get("resumed_from"),
-                versions=dict(body.get("versions", {})),
-                tensors={k: TensorEntry.from_json(v) for k, v in body.get("tensors", {}).items()},
-                state=body.get("state", {}),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
+            manifest = cls._parse(body)
+        except FormatVersionError:  # (sharded files in a layout of a newer weightslab)
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            what = f"no field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise CorruptCheckpointError(
-                f"manifest {path} is missing a field or has a bad value ({type(exc).__name__}: {exc}); it was "
-                "not written by this version of weightslab or it was edited. Resume an earlier checkpoint.",
-                path=path) from None
+                f"manifest {path} is missing a field or has a bad value ({what}); it was damaged or edited, or not "
+                "written by this version of weightslab. Resume an earlier checkpoint, or run wl.verify() to list "
+                "every damaged one.", path=path) from None
+        named = Layout.parse_manifest_name(Path(path).name)
+        if named is not None and named != (manifest.experiment, manifest.step):
+            raise CorruptCheckpointError(
+                f"manifest {path} records checkpoint {manifest.ref} but its file name says {named[0]}@{named[1]}: the "
+                "experiment or step was edited, or the file was copied under another name. Resume an earlier "
+                "checkpoint, or run wl.verify() to list every damaged one.", path=path)
+        directory = Path(path).parent.parent.name
+        if Path(path).parent.name == "model" and is_experiment_hash(directory) and directory != manifest.experiment:
+            raise CorruptCheckpointError(
+                f"manifest {path} records checkpoint {manifest.ref} but lies in experiment {directory}'s directory. "
+                "Resume an earlier checkpoint, or run wl.verify() to list every damaged one.", path=path)
+        return manifest
+
+    @classmethod
+    def _parse(cls, body: Mapping[str, Any]) -> "Manifest":
+        """The manifest a sealed document holds, every field checked against its grammar: the
+        experiment and step build the path retention deletes, the tensors' records name packs
+        and size buffers (ValueError, KeyError or TypeError saying what is wrong)."""
+        tensors = _mapping(body.get("tensors", {}), "tensors")
+        state = _mapping(body.get("state", {}), "state")
+        experiment = check_experiment(body["experiment"])
+        if "sharded" in state:
+            _check_sharded(state["sharded"], experiment)
+        resumed_from = body.get("resumed_from")
+        if resumed_from is not None and not isinstance(resumed_from, str):
+            raise ValueError(f"resumed_from {resumed_from!r} is not a ref")
+        return cls(
+            experiment=experiment,
+            step=check_step(body["step"]),
+            created=_text(body["created"], "created"),
+            created_ns=check_count(body["created_ns"], "created_ns"),
+            reasons=tuple(_texts(body.get("reasons", ()), "reasons")),
+            changes=tuple(_list(body.get("changes", ()), "changes")),
+            metrics=dict(_mapping(body.get("metrics", {}), "metrics")),
+            run=_text(body.get("run", ""), "run"),
+            resumed_from=resumed_from,
+            versions=dict(_mapping(body.get("versions", {}), "versions")),
+            tensors={_text(k, "a tensor key"): TensorEntry.from_json(v) for k, v in tensors.items()},
+            state=state,
+        )
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":
@@ -180,4 +231,45 @@ class Manifest:
             raise CheckpointNotFoundError(
                 f"no checkpoint manifest at {path}; it may have been deleted. Resume 'latest', or list the "
                 f"committed checkpoints of the experiment in {Path(path).parent}") from None
+        except OSError as exc:  # a directory in its place, no permission: it cannot be read, as if damaged
+            raise CorruptCheckpointError(f"checkpoint manifest {path} cannot be read ({exc}). Resume an earlier "
+                                         "checkpoint, or run wl.verify() to list every damaged one.",
+                                         path=path) from None
         return cls.from_bytes(data, path=path)
+
+
+def _mapping(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} is {type(value).__name__}, not a mapping")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} is {type(value).__name__}, not a list")
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} {value!r} is not a string")
+    return value
+
+
+def _texts(value: Any, what: str) -> list[str]:
+    return [_text(v, f"an item of {what}") for v in _list(value, what)]
+
+
+def _check_sharded(sharded: Any, experiment: str) -> None:
+    """A distributed checkpoint's record of sharded tensors: its directory and file names are
+    the experiment's own (:meth:`Layout.shard_files`), the files' sizes and digests well formed,
+    and each tensor's dtype and global shape known, holding no more bytes than the files do
+    (what a reader allocates before it reads them)."""
+    Layout.shard_names(experiment, sharded)  # (ValueError: not the experiment's own)
+    files = ShardedFiles.from_json(sharded["files"])
+    total = 0
+    for key, meta in _mapping(sharded.get("tensors", {}), "the sharded tensors").items():
+        meta = _mapping(meta, f"sharded tensor {key}")
+        total += shape_nbytes(check_dtype(meta["dtype"]), check_shape(meta["shape"]))
+    if total > files.nbytes:
+        raise ValueError(f"its sharded tensors hold {total:,} bytes, more than their files ({files.nbytes:,})")

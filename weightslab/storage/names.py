@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import CorruptCheckpointError, WeightslabError
 from ..refs import check_name
 from .atomic import atomic_write, make_dirs
+from .identifiers import check_experiment
 from .layout import Layout
 from .manifest import FORMAT_VERSION, seal, unseal
 
@@ -27,19 +28,26 @@ KIND = "weightslab.name"
 
 def read_names(layout: Layout) -> dict[str, str]:
     """``{name: experiment hash}`` of every readable name of the root (damaged files are skipped
-    with a warning: a name is a convenience, the experiment itself is unaffected)."""
+    with a warning: a name is a convenience, the experiment itself is unaffected). A file counts
+    when it is a regular file (not a link), holds a valid name, the one its file name says, and an
+    experiment hash: the hash builds paths."""
     names: dict[str, str] = {}
     try:
         paths = sorted(layout.names_dir.glob("*.json"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return names
     for path in paths:
         try:
+            if path.is_symlink():
+                raise ValueError("it is a symbolic link, and weightslab never follows links in a root")
             body: dict[str, Any] = unseal(path.read_bytes(), path=path, kind=KIND)
-            names[str(body["name"])] = str(body["experiment"])
+            name = check_name(body["name"])
+            if f"{name}.json" != path.name:
+                raise ValueError(f"it holds the name {name!r}, not the one its file name says")
+            names[name] = check_experiment(body["experiment"])
         except FileNotFoundError:
             continue  # renamed meanwhile
-        except (WeightslabError, KeyError, TypeError) as exc:
+        except (WeightslabError, KeyError, TypeError, ValueError, OSError) as exc:
             log.warning("ignoring the experiment name file %s: %s; delete it, or name the experiment again", path, exc)
     return names
 

@@ -28,6 +28,7 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -40,6 +41,11 @@ from .manifest import Manifest
 __all__ = ["RemoteRoot", "is_remote", "staging_dir", "modified"]
 
 log = logging.getLogger(__name__)
+
+# What pull_index may bring into the staging root: a bucket others can write must not name a file
+# out of it (or anything the layout does not know).
+_PULLED = re.compile(r"checkpoints/[0-9a-f]{16}/(?:experiment\.json|(?:model|hp)/[A-Za-z0-9][A-Za-z0-9_.-]*)"
+                     r"|names/[A-Za-z][A-Za-z0-9._-]{0,63}\.json")
 
 
 def is_remote(root: object) -> bool:
@@ -164,7 +170,11 @@ class RemoteRoot:
                 name = remote.rsplit("/", 1)[-1]
                 if name.startswith(".tmp."):
                     continue  # an upload in progress, or one that died
-                local = self.layout.root / remote[len(self.base) + 1:].lstrip("/")
+                relative = remote[len(self.base) + 1:].lstrip("/")
+                if not _PULLED.fullmatch(relative) or ".." in relative.split("/"):
+                    log.warning("not fetching %s from %s: no file of a weightslab root is named so", relative, self.url)
+                    continue
+                local = self.layout.root / relative
                 seen.add(local)
                 if not local.exists() or local.parent == self.layout.names_dir:
                     self._download(remote, local)

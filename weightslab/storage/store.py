@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 import threading
 from dataclasses import dataclass, replace
@@ -38,9 +39,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 from . import encoding as _encoding
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, WeightslabError
 from .atomic import atomic_write, fsync_dir, make_dirs, remove
-from .layout import PACK_SUFFIX, Layout
+from .identifiers import DIGEST_ALGORITHM, check_count, check_digest, check_fast_check, check_pack
+from .layout import Layout
 
 try:  # POSIX advisory locks; elsewhere garbage collection relies on its grace period alone
     import fcntl
@@ -51,7 +53,6 @@ __all__ = ["Blob", "BlobRef", "BlobStore", "BlobIndex", "DIGEST_ALGORITHM", "Pac
 
 log = logging.getLogger(__name__)
 
-DIGEST_ALGORITHM = "sha256"
 _HASHERS: Mapping[str, Callable[[], Any]] = {"sha256": hashlib.sha256}
 PACK_FORMAT = "weightslab.pack"
 PACK_FORMAT_VERSION = "2"
@@ -60,6 +61,19 @@ _MIN_SAVING = 0.95
 #: Reads of at least this many bytes are verified on several threads.
 _PARALLEL_READ_BYTES = 32 * 2**20
 _READ_THREADS = max(2, min(4, os.cpu_count() or 2))
+#: Verification reads a raw blob this many bytes at a time: what it costs in memory, whatever a
+#: manifest says the blob holds.
+VERIFY_CHUNK = 8 << 20
+#: A delta's base may itself be a delta this many times at most (weightslab writes one level: deltas
+#: never chain); a deeper record is damaged, not recursed into.
+_MAX_DEPTH = 16
+#: The largest element size an encoded blob may record (the byte shuffle's stride).
+_MAX_ITEMSIZE = 64
+#: An encoded blob whose raw size is at most this many times its stored size (plus 1 MiB) is
+#: allocated without reading its zstd frame first: the pack's real size already bounds it. Beyond,
+#: the frame's headers must show its blocks can regenerate that much (a tensor of zeros legitimately
+#: compresses about 30,000 times; a crafted record could claim anything).
+_PLAIN_EXPANSION = 16
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
@@ -117,16 +131,36 @@ class BlobRef:
         return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "BlobRef":
-        base = data.get("base")
-        encoding = str(data.get("encoding", "raw"))
+    def from_json(cls, data: Mapping[str, Any], *, _depth: int = 0) -> "BlobRef":
+        """Read what :meth:`to_json` wrote, every field checked against its grammar (ValueError
+        saying which is not): a manifest may have been crafted, and these fields name files and
+        size buffers."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a blob record is {type(data).__name__}, not a mapping")
+        if _depth > _MAX_DEPTH:
+            raise ValueError(f"a blob's chain of delta bases is deeper than {_MAX_DEPTH}")
+        missing = [k for k in ("digest", "pack", "offset", "nbytes") if k not in data]
+        if missing:
+            raise ValueError(f"a blob record lacks {', '.join(missing)}")
+        encoding = data.get("encoding", "raw")
         if encoding not in _encoding.ENCODINGS:
             raise ValueError(f"unknown blob encoding {encoding!r}")
-        return cls(digest=str(data["digest"]), pack=str(data["pack"]), offset=int(data["offset"]),
-                   nbytes=int(data["nbytes"]), encoding=encoding,
-                   raw_nbytes=int(data["raw_nbytes"]) if "raw_nbytes" in data else None,
-                   itemsize=int(data.get("itemsize", 1)), base=cls.from_json(base) if base else None,
-                   check=str(data["check"]) if data.get("check") else None)
+        nbytes = check_count(data["nbytes"], "nbytes")
+        raw_nbytes = check_count(data["raw_nbytes"], "raw_nbytes") if "raw_nbytes" in data else None
+        if encoding == "raw" and raw_nbytes not in (None, nbytes):
+            raise ValueError(f"a raw blob of {nbytes} bytes records raw_nbytes {raw_nbytes}")
+        itemsize = _check_itemsize(data.get("itemsize", 1))
+        base_data = data.get("base")
+        base = cls.from_json(base_data, _depth=_depth + 1) if base_data is not None else None
+        if (base is not None) != (encoding == "xor-zstd"):
+            raise ValueError("only an xor-zstd blob has a base, and it must have one")
+        ref = cls(digest=check_digest(data["digest"]), pack=check_pack(data["pack"]),
+                  offset=check_count(data["offset"], "offset"), nbytes=nbytes, encoding=encoding,
+                  raw_nbytes=raw_nbytes if encoding != "raw" else None, itemsize=itemsize, base=base,
+                  check=check_fast_check(data["check"]) if data.get("check") is not None else None)
+        if base is not None and base.size != ref.size:
+            raise ValueError(f"a delta of {ref.size} bytes against a base of {base.size} bytes")
+        return ref
 
 
 @dataclass(frozen=True)
@@ -174,32 +208,49 @@ def _as_bytes_view(data: BytesLike) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
+def _check_itemsize(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _MAX_ITEMSIZE:
+        raise ValueError(f"itemsize {value!r} is not an integer from 1 to {_MAX_ITEMSIZE}")
+    return value
+
+
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
 
 def read_pack_header(path: Path) -> tuple[dict[str, Any], int]:
     """The JSON header of a pack and the offset where its data starts."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise CorruptCheckpointError(f"pack {path} is truncated (no header)", path=path)
-        (length,) = struct.unpack("<Q", head)
-        if length > 100 * 2**20:
-            raise CorruptCheckpointError(f"pack {path} has an implausible header length {length}", path=path)
-        raw = f.read(length)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise CorruptCheckpointError(f"pack {path} is truncated (no header)", path=path)
+            (length,) = struct.unpack("<Q", head)
+            if length > 100 * 2**20:
+                raise CorruptCheckpointError(f"pack {path} has an implausible header length {length}", path=path)
+            raw = f.read(length)
+    except (FileNotFoundError, CorruptCheckpointError):
+        raise
+    except OSError as exc:  # a directory where a pack should be, no permission: unreadable, as damage is
+        raise CorruptCheckpointError(f"pack {path} cannot be read ({exc})", path=path) from None
     if len(raw) != length:
         raise CorruptCheckpointError(f"pack {path} is truncated inside its header", path=path)
     try:
         header = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CorruptCheckpointError(f"pack {path} has a damaged header", path=path) from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"pack {path} has a damaged header (not a JSON object)", path=path)
     return header, 8 + length
 
 
-def _pack_blobs(pack_id: str, header: Mapping[str, Any], data_start: int) -> list[BlobRef]:
+def _pack_blobs(pack_id: str, header: Mapping[str, Any], data_start: int, size: int) -> list[BlobRef]:
+    """The blobs a pack's header lists, each field checked (ValueError: the header is damaged or
+    crafted) and each blob inside the pack's ``size`` bytes."""
     meta = header.get("__metadata__", {}) or {}
     algorithm = meta.get("digest", DIGEST_ALGORITHM)
+    if algorithm != DIGEST_ALGORITHM:
+        raise ValueError(f"digest algorithm {algorithm!r}; this weightslab reads {DIGEST_ALGORITHM!r}")
     encoded = json.loads(meta.get("encodings", "{}"))
     checks = json.loads(meta.get("checks", "{}"))
     out = []
@@ -207,15 +258,25 @@ def _pack_blobs(pack_id: str, header: Mapping[str, Any], data_start: int) -> lis
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
-        extra = encoded.get(name)
+        check_count(begin, "a data offset")
+        check_count(end, "a data offset")
+        if not begin <= end <= size - data_start:
+            raise ValueError(f"blob {name} at data offsets {begin}-{end} is not inside the pack's {size} bytes")
+        extra = encoded.get(name) or {}
+        encoding = extra.get("encoding", "raw")
+        if encoding not in _encoding.ENCODINGS:
+            raise ValueError(f"unknown blob encoding {encoding!r}")
         base = None
-        if extra and extra.get("base"):
-            base = BlobRef(digest=extra["base"], pack="", offset=-1, nbytes=-1)  # located via the index
-        out.append(BlobRef(digest=f"{algorithm}:{name}", pack=pack_id, offset=data_start + begin, nbytes=end - begin,
-                           encoding=extra["encoding"] if extra else "raw",
-                           raw_nbytes=int(extra["raw_nbytes"]) if extra else None,
-                           itemsize=int(extra.get("itemsize", 1)) if extra else 1, base=base,
-                           check=checks.get(name)))
+        if extra.get("base"):
+            base = BlobRef(digest=check_digest(extra["base"]), pack="", offset=-1, nbytes=-1)  # via the index
+        if (base is not None) != (encoding == "xor-zstd"):
+            raise ValueError("only an xor-zstd blob has a base, and it must have one")
+        check = checks.get(name)
+        out.append(BlobRef(digest=check_digest(f"{algorithm}:{name}"), pack=pack_id, offset=data_start + begin,
+                           nbytes=end - begin, encoding=encoding,
+                           raw_nbytes=check_count(extra["raw_nbytes"], "raw_nbytes") if extra else None,
+                           itemsize=_check_itemsize(extra.get("itemsize", 1)), base=base,
+                           check=check_fast_check(check) if check is not None else None))
     return out
 
 
@@ -250,25 +311,31 @@ class BlobIndex:
         self._loaded = True
 
     def packs(self) -> list[PackInfo]:
-        """Every pack of the root, headers read; damaged packs are skipped with a warning."""
+        """Every pack of the root, headers read; damaged packs are skipped with a warning. Only
+        regular files named like packs in fan-out directories count: a symbolic link (to a
+        directory of someone's models, say) is neither listed nor followed (see
+        :meth:`~weightslab.storage.layout.Layout.objects_links`)."""
         found = []
         try:
-            fanouts = [e for e in os.scandir(self.layout.objects_dir) if e.is_dir()]
-        except FileNotFoundError:
+            fanouts = [e for e in os.scandir(self.layout.objects_dir) if e.is_dir(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
             return []
         for fan in fanouts:
-            for entry in os.scandir(fan.path):
-                if not entry.name.endswith(PACK_SUFFIX) or entry.name.startswith("."):
-                    continue
-                pack_id = fan.name + entry.name[: -len(PACK_SUFFIX)]
+            with os.scandir(fan.path) as entries:
+                listed = [e for e in entries if e.is_file(follow_symlinks=False)]
+            for entry in listed:
+                pack_id = Layout.parse_pack_path(fan.name, entry.name)
+                if pack_id is None:
+                    continue  # not a pack (a temporary file, something someone put there)
                 path = Path(entry.path)
                 try:
-                    st = entry.stat()
+                    st = entry.stat(follow_symlinks=False)
                     header, start = read_pack_header(path)
-                    blobs = tuple(_pack_blobs(pack_id, header, start))
+                    blobs = tuple(_pack_blobs(pack_id, header, start, st.st_size))
                 except FileNotFoundError:
                     continue
-                except (CorruptCheckpointError, KeyError, TypeError, ValueError) as exc:
+                except (CorruptCheckpointError, KeyError, TypeError, ValueError, AttributeError,
+                        RecursionError) as exc:
                     log.warning("skipping unreadable pack %s: %s", path, exc)
                     continue
                 found.append(PackInfo(pack_id, path, st.st_size, st.st_mtime, blobs))
@@ -472,6 +539,7 @@ class BlobStore:
                     future.result()
 
     def read(self, ref: BlobRef, *, checkpoint: str | None = None, strong: bool = False) -> bytearray:
+        self.check_stored([ref], checkpoint=checkpoint)  # before allocating what the record says
         out = bytearray(ref.size)
         self.read_into([(ref, out)], checkpoint=checkpoint, strong=strong)
         return out
@@ -493,6 +561,7 @@ class BlobStore:
     def _read_at(self, ref: BlobRef, out: memoryview, files: "_PackFiles", *, check: bool = True,
                  strong: bool = False) -> None:
         path = self.layout.pack(ref.pack)
+        _within(ref, path, files.size(path))  # before allocating what the record says
         base_ref = None
         if ref.encoding == "raw":
             files.read(path, ref.offset, out)
@@ -505,6 +574,9 @@ class BlobStore:
                 if base_ref is None:
                     raise CorruptCheckpointError(f"the delta base {ref.base.digest} of a blob in {path} is missing "
                                                  "from the store", path=path)
+                if base_ref.size != ref.size:
+                    raise CorruptCheckpointError(f"the delta base of a blob in {path} holds {base_ref.size} bytes, "
+                                                 f"the delta {ref.size}", path=path)
                 base = bytearray(base_ref.size)
                 # Decoded without its own check: the final digest covers the base too, and only a
                 # failure pays for finding out which of the two files is damaged.
@@ -544,11 +616,106 @@ class BlobStore:
         raise CorruptCheckpointError(f"pack {path} is corrupt: the blob at offset {ref.offset} does not "
                                      f"match its digest {ref.digest}", path=path)
 
+    # --- checking sizes and verifying, in bounded memory ---------------------------------------
+    def check_stored(self, refs: Iterable[BlobRef], *, checkpoint: str | None = None, frames: bool = True,
+                     missing_ok: bool = False) -> None:
+        """Check, before a buffer is allocated for them, that each blob (and each delta base it
+        needs) has a stored copy that holds what its record says: the recorded location when its
+        pack is there (the pack's real size must cover ``offset + nbytes``), else the copy the index
+        knows of its digest, of the same size and encoding. With ``frames``, an encoded blob's
+        zstd frame must record its raw size and have blocks that can hold it (only its headers are
+        read). So a manifest cannot make a reader allocate more than the packs can give back.
+
+        A blob found nowhere raises too, unless ``missing_ok`` (the read reports it missing; a
+        remote root's packs may not be fetched yet). Raises :class:`CorruptCheckpointError`
+        naming the pack (and ``checkpoint``).
+        """
+        with _PackFiles(self.layout) as files:
+            for ref in refs:
+                for link in ref.chain():
+                    self._check_copy(link, files, frames=frames, missing_ok=missing_ok, checkpoint=checkpoint)
+
+    def _check_copy(self, ref: BlobRef, files: "_PackFiles", *, frames: bool, missing_ok: bool,
+                    checkpoint: str | None) -> None:
+        try:
+            self._check_at(ref, files, frames)
+            return
+        except CorruptCheckpointError as exc:
+            first = exc
+        missing = files.size(self.layout.pack(ref.pack)) is None
+        found = self.index.lookup(ref.digest, rescan=not missing_ok)
+        if found is None:
+            if missing and missing_ok:
+                return
+            raise _named(first, checkpoint) from None
+        if (found.nbytes, found.size, found.encoding) != (ref.nbytes, ref.size, ref.encoding):
+            raise _named(CorruptCheckpointError(
+                f"{first}; the store's copy of blob {ref.digest} ({found.nbytes:,} bytes stored, {found.size:,} raw, "
+                f"{found.encoding}) is not what the record says ({ref.nbytes:,} stored, {ref.size:,} raw, "
+                f"{ref.encoding})", path=first.path), checkpoint) from None
+        try:
+            self._check_at(found, files, frames)
+        except CorruptCheckpointError:
+            raise _named(first, checkpoint) from None
+
+    def _check_at(self, ref: BlobRef, files: "_PackFiles", frames: bool) -> None:
+        path = self.layout.pack(ref.pack)
+        _within(ref, path, files.size(path))
+        if frames and ref.encoding != "raw" and ref.size > _PLAIN_EXPANSION * ref.nbytes + (1 << 20):
+            try:
+                _encoding.check_frame(lambda at, count: files.pread(path, ref.offset + at, count), ref.nbytes,
+                                      ref.size)
+            except ValueError as exc:
+                raise CorruptCheckpointError(f"pack {path} holds a damaged {ref.encoding} blob at offset "
+                                             f"{ref.offset} ({exc})", path=path) from None
+
+    def verify_blob(self, ref: BlobRef, *, checkpoint: str | None = None) -> None:
+        """Check one blob against its SHA-256 digest (never the fast checksum), in bounded memory
+        whatever its record says: a raw blob is hashed :data:`VERIFY_CHUNK` bytes at a time; an
+        encoded one is decoded whole, once its stored size was checked against its pack and its
+        raw size against its zstd frame. As a read, a failing location is looked up again by
+        digest. Raises :class:`CorruptCheckpointError` naming the pack (and ``checkpoint``)."""
+        self.check_stored([ref], checkpoint=checkpoint)
+        if ref.encoding != "raw" or ref.size <= VERIFY_CHUNK:
+            self.read_into([(ref, bytearray(ref.size))], checkpoint=checkpoint, strong=True)
+            return
+        with _PackFiles(self.layout) as files:
+            try:
+                self._hash_at(ref, files)
+                return
+            except CorruptCheckpointError as exc:
+                first = exc
+            found = self.index.lookup(ref.digest)
+            if found is None or (found.pack, found.offset) == (ref.pack, ref.offset) or found.encoding != "raw":
+                raise _named(first, checkpoint) from None
+            try:
+                self._hash_at(found, files)
+            except CorruptCheckpointError:
+                raise _named(first, checkpoint) from None
+
+    def _hash_at(self, ref: BlobRef, files: "_PackFiles") -> None:
+        path = self.layout.pack(ref.pack)
+        _within(ref, path, files.size(path))
+        hasher = _HASHERS[DIGEST_ALGORITHM]()
+        buffer = memoryview(bytearray(min(VERIFY_CHUNK, ref.nbytes)))
+        done = 0
+        while done < ref.nbytes:
+            chunk = buffer[:min(buffer.nbytes, ref.nbytes - done)]
+            files.read(path, ref.offset + done, chunk)
+            hasher.update(chunk)  # (releases the GIL on large buffers)
+            done += chunk.nbytes
+        if f"{DIGEST_ALGORITHM}:{hasher.hexdigest()}" != ref.digest:
+            raise CorruptCheckpointError(f"pack {path} is corrupt: the blob at offset {ref.offset} does not "
+                                         f"match its digest {ref.digest}", path=path)
+
     # --- maintenance ------------------------------------------------------------------------
     def packs(self) -> list[PackInfo]:
         return self.index.packs()
 
     def delete_pack(self, info: PackInfo) -> None:
+        if not self.layout.contains(info.path):  # (garbage collection checks first; never through a link)
+            raise WeightslabError(f"not deleting {info.path}: it is reached through a symbolic link out of the "
+                                  f"root {self.layout.root}")
         remove(info.path)
         fsync_dir(info.path.parent)
         self.index.forget_pack(info.pack)
@@ -581,6 +748,17 @@ class BlobStore:
         return new_pack
 
 
+def _within(ref: BlobRef, path: Path, size: int | None) -> None:
+    """CorruptCheckpointError unless the pack at ``path`` (``size`` bytes; None: missing) holds
+    the stored bytes ``ref`` records."""
+    if size is None:
+        raise CorruptCheckpointError(f"pack {path} is missing", path=path)
+    if ref.offset + ref.nbytes > size:
+        raise CorruptCheckpointError(f"pack {path} is truncated: expected {ref.nbytes} bytes at offset {ref.offset}, "
+                                     f"found {max(0, size - ref.offset)} (the pack holds {size:,} bytes), or the "
+                                     f"record of blob {ref.digest} is wrong", path=path)
+
+
 def _named(exc: CorruptCheckpointError, checkpoint: str | None) -> CorruptCheckpointError:
     if not checkpoint:
         return exc
@@ -597,6 +775,7 @@ class _PackFiles:
     def __init__(self, layout: Layout):
         self.layout = layout
         self._fds: dict[Path, int] = {}
+        self._sizes: dict[Path, int] = {}
         self._lock = threading.Lock()
 
     def __enter__(self) -> "_PackFiles":
@@ -613,21 +792,48 @@ class _PackFiles:
             fd = self._fds.get(path)
             if fd is None:
                 try:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
                 except FileNotFoundError:
                     raise CorruptCheckpointError(f"pack {path} is missing", path=path) from None
+                except OSError as exc:
+                    raise CorruptCheckpointError(f"pack {path} cannot be read ({exc})", path=path) from None
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    os.close(fd)
+                    raise CorruptCheckpointError(f"pack {path} is not a regular file", path=path)
+                self._fds[path] = fd
+                self._sizes[path] = st.st_size
             return fd
+
+    def size(self, path: Path) -> int | None:
+        """The real size of the pack file at ``path`` (None if there is none), as opened."""
+        try:
+            self._fd(path)
+        except CorruptCheckpointError:
+            if os.path.lexists(path):
+                raise
+            return None
+        return self._sizes[path]
+
+    def pread(self, path: Path, offset: int, count: int) -> bytes:
+        out = memoryview(bytearray(count))
+        self.read(path, offset, out)
+        return bytes(out)
 
     def read(self, path: Path, offset: int, out: memoryview) -> None:
         fd = self._fd(path)
         got = 0
         while got < out.nbytes:
-            if hasattr(os, "preadv"):
-                n = os.preadv(fd, [out[got:]], offset + got)
-            else:  # pragma: no cover - platforms without preadv
-                data = os.pread(fd, out.nbytes - got, offset + got)
-                n = len(data)
-                out[got:got + n] = data
+            try:
+                if hasattr(os, "preadv"):
+                    n = os.preadv(fd, [out[got:]], offset + got)
+                else:  # pragma: no cover - platforms without preadv
+                    data = os.pread(fd, out.nbytes - got, offset + got)
+                    n = len(data)
+                    out[got:got + n] = data
+            except (OSError, OverflowError) as exc:  # an I/O error, an offset no file has
+                raise CorruptCheckpointError(f"pack {path} cannot be read at offset {offset + got} ({exc})",
+                                             path=path) from None
             if not n:
                 break
             got += n
