@@ -491,6 +491,8 @@ def test_damaged_records_and_names_do_not_stop_a_listing(root: Path) -> None:
     assert row["hash"] == h and row["checkpoints"] == 3 and row["names"] == []
     assert "Traceback" not in listed.stderr and "deep.json" in listed.stderr and "escape.json" in listed.stderr
     assert CheckpointManager(root).names() == {}
+    logged = run_cli("log", root=root)  # the damaged record: drawn without its changes
+    assert logged.returncode == 0 and h[:8] in logged.stdout and "Traceback" not in logged.stderr, logged.stderr
 
 
 # --- 10. steps fit the catalog --------------------------------------------------------------------

@@ -126,10 +126,12 @@ def _catalog(root: Any) -> Any:
 
 
 def _record(layout: Layout, exp_hash: str) -> ExperimentRecord | None:
+    """The experiment's record, or None when it is missing or damaged (a listing goes on without
+    its changes; the catalog already warned about a damaged one)."""
     path = layout.experiment_record(exp_hash)
     try:
         return ExperimentRecord.from_bytes(path.read_bytes(), path=path)
-    except FileNotFoundError:
+    except (FileNotFoundError, CorruptCheckpointError, FormatVersionError):
         return None
 
 
