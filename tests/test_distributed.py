@@ -232,6 +232,18 @@ def test_an_fsdp_run_saves_its_shards_with_dcp_and_resumes_bit_for_bit(tmp_path)
         assert torch.equal(value, expected[0][f"param.{name}"]), name
     assert torch.equal(whole["optimizers"]["main"]["state"][0]["exp_avg"], expected[0]["adam.0.exp_avg"])
 
+    # A crafted manifest claiming a shape its shard files cannot hold: refused before any allocation.
+    from weightslab.storage.manifest import seal
+
+    latest = CheckpointManager(root).checkpoints()[-1]
+    original = latest.path.read_bytes()
+    doc = json.loads(original)
+    doc["state"]["sharded"]["tensors"]["models/main/0.weight"]["shape"] = [10**6, 10**6]
+    latest.path.write_bytes(seal(doc))
+    with pytest.raises(wl.CorruptCheckpointError, match="sharded tensors"):
+        wl.load(latest.ref, root=root)
+    latest.path.write_bytes(original)
+
     # A flipped byte in one rank's shard file: verify names the file, and a resume falls back to
     # the checkpoint before (on both ranks alike).
     latest = CheckpointManager(root).checkpoints()[-1]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import os
 from pathlib import Path, PurePath
 from typing import Any, Callable, Mapping
@@ -28,7 +29,7 @@ import torch
 from . import codec
 from ._version import __version__
 from .distributed.world import World
-from .errors import CheckpointNotFoundError, ConfigError
+from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from .process import manager_for
 from .refs import parse_ref
 from .storage.atomic import atomic_path, make_dirs
@@ -143,8 +144,19 @@ def _whole_shards(manager: CheckpointManager, manifest: Any) -> dict[str, torch.
     from .distributed.sharded import load as load_shards
 
     sharded = manifest.state["sharded"]["tensors"]
-    targets = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in tensor_meta(manifest).items()
-               if key in sharded}
+    meta = {key: (dtype, shape) for key, (dtype, shape) in tensor_meta(manifest).items() if key in sharded}
+    # Nothing is allocated that the files on disk cannot hold: a crafted manifest may claim any shape.
+    need = sum(math.prod(shape) * dtype.itemsize for dtype, shape in meta.values())
+    directory, record = shards
+    try:
+        held = sum((directory / name).stat().st_size for name in record.files)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"checkpoint {manifest.ref}: a file of its sharded tensors cannot be read "
+                                     f"({exc}); it is damaged") from None
+    if need > held:
+        raise CorruptCheckpointError(f"checkpoint {manifest.ref}: its sharded tensors claim {need:,} bytes but their "
+                                     f"files hold {held:,}; its manifest is damaged")
+    targets = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in meta.items()}
     load_shards(targets, *shards)
     return targets
 
