@@ -7,7 +7,10 @@ directory belongs) once printed a traceback and exited 1, which the exit codes d
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,22 @@ def test_the_exported_weights_are_unchanged_by_the_new_checks(saved_root: Path, 
     assert proc.returncode == 0, proc.stderr
     assert set(load_file(str(out))) == {"weight", "bias"}
     assert load_file(str(out))["weight"].dtype == torch.float32
+
+
+def test_an_export_sweeps_what_a_killed_export_left_beside_its_output(saved_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exports"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that no longer runs
+    left = out / f".tmp.{dead}.0123456789ab.w.safetensors"  # what SIGKILL left mid-export
+    left.write_bytes(b"\0" * 4096)
+    others = [out / f".tmp.{dead}.0123456789ab.other.safetensors",  # another output's: not this export's
+              out / f".tmp.{os.getpid()}.0123456789ab.w.safetensors",  # a live writer's
+              out / ".tmp.notes"]  # not ours at all
+    for path in others:
+        path.write_bytes(b"keep")
+    proc = run_cli("export", "latest", str(out / "w.safetensors"), root=saved_root)
+    assert proc.returncode == 0, proc.stderr
+    assert not left.exists()
+    assert all(path.read_bytes() == b"keep" for path in others)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".tmp.")) == ["w.safetensors"]

@@ -32,7 +32,7 @@ from .distributed.world import World
 from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from .process import manager_for
 from .refs import parse_ref
-from .storage.atomic import atomic_path, make_dirs
+from .storage.atomic import atomic_path, make_dirs, sweep_temp_files
 from .storage.layout import is_experiment_hash
 from .storage.manager import CheckpointManager
 from .tensors import load_tensors, tensor_meta
@@ -166,6 +166,7 @@ def _whole_shards(manager: CheckpointManager, manifest: Any) -> dict[str, torch.
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Let ``write`` fill a temporary sibling of ``path`` (safetensors and torch.save write by file
     name), then commit it atomically: a crash leaves the old file or the new one, never a torn one."""
+    sweep_temp_files([path.parent], of=path.name)  # what an export killed before left beside it
     with atomic_path(path) as tmp:
         # Created here first to learn the mode a new file gets (0o666 minus the umask), without
         # touching the process-wide umask: safetensors writes through its own temporary file,

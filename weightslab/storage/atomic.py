@@ -21,6 +21,7 @@ import contextlib
 import errno
 import mmap
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -254,14 +255,17 @@ def _writer_is_dead(pid: int) -> bool:
     return False
 
 
-def sweep_temp_files(directories: Iterable[Path]) -> list[Path]:
+def sweep_temp_files(directories: Iterable[Path], *, of: str | None = None) -> list[Path]:
     """Remove temporary files left in ``directories`` by writers that no longer run.
 
     A file is swept when the pid in its name is not alive, or when it is older than a day. Files
-    of live writers (another process saving into the same root right now) are left alone.
+    of live writers (another process saving into the same root right now) are left alone. With
+    ``of``, only the temporary files :func:`temp_path_for` makes for a file of that name are
+    considered (a directory outside a root, such as the target of an export, is not ours to sweep).
     """
     removed: list[Path] = []
     now = time.time()
+    ours = None if of is None else re.compile(rf"{re.escape(TEMP_PREFIX)}\d+\.[0-9a-f]{{12}}\.{re.escape(of)}")
     for directory in directories:
         try:
             entries = list(os.scandir(directory))
@@ -269,6 +273,8 @@ def sweep_temp_files(directories: Iterable[Path]) -> list[Path]:
             continue
         for entry in entries:
             if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+                continue
+            if ours is not None and not ours.fullmatch(entry.name):
                 continue
             pid_text = entry.name[len(TEMP_PREFIX):].split(".", 1)[0]
             try:

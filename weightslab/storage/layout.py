@@ -25,6 +25,7 @@ a path is inside the root with no link on the way.
 from __future__ import annotations
 
 import logging
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -238,8 +239,11 @@ class Layout:
         found = []
         try:
             entries = os.scandir(self.checkpoints_dir)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             return []
+        except NotADirectoryError:  # said, not listed as "no experiments": the root is damaged
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory (move the file away: every experiment of "
+                                     "the root lives under it)", str(self.checkpoints_dir)) from None
         with entries:
             for entry in entries:
                 if not is_experiment_hash(entry.name):
