@@ -34,7 +34,7 @@ LAYERS: dict[str, list[str]] = {
     "policy": ["triggers", "retention", "refs", "distributed.ranks"],
     "storage": ["storage", "storage.atomic", "storage.layout", "storage.encoding", "storage.store", "storage.manifest",
                 "storage.shardfiles", "storage.experiment", "storage.names", "storage.remote", "storage.root",
-                "storage.manager", "storage.garbage", "writer", "ledger"],
+                "storage.manager", "storage.garbage", "storage.claim", "writer", "ledger"],
     "training": ["hyperparams", "configfile", "codec", "rng", "data", "fingerprint", "change", "binding", "surgery",
                  "tensors", "snapshot", "state", "preemption", "distributed", "distributed.world",
                  "distributed.sharded"],
