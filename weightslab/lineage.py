@@ -184,22 +184,28 @@ class Lineage:
         self._adopt(fp, parent, branch=branch)
 
     def _own(self, fp: Fingerprint, parent: Parent | None, *, starting: bool,
-             resumed: tuple[str, int] | None = None) -> tuple[str | None, Fingerprint, Parent | None]:
+             resuming: tuple[str, int] | None = None) -> tuple[str | None, Fingerprint, Parent | None]:
         """Where the run writes instead of ``fp``'s experiment, claimed: (branch, fingerprint, parent).
 
         That experiment itself, unless it holds checkpoints of another trajectory, which this run's
-        must never replace: an earlier run's, or, in the experiment of the checkpoint the run
-        continues (``resumed``: experiment, step), those after that step. Then a new branch of it."""
-        resumed = resumed if resumed is not None else self._resumed
+        must never replace: an earlier run's; after a resume of ``resuming`` (experiment, step) now,
+        any later than that step, this run's own included; on returning to the experiment of the
+        checkpoint the run continues, later ones it did not take. Then a new branch of it. Another
+        live process writing it raises when ``starting``; later, the run stays (its saves fail)."""
+        resumed = resuming if resuming is not None else self._resumed
         after = resumed[1] if resumed is not None and resumed[0] == fp.hash else None
+        if not self._claim(fp.hash, starting):  # first: a live writer refuses the run even if it would branch
+            return fp.branch, fp, parent
         theirs = [step for step, _ in self._manager.layout.manifests(fp.hash)
-                  if not self._saved(fp.hash, step) and (after is None or step > after)]
+                  if (after is None or step > after) and (resuming is not None or not self._saved(fp.hash, step))]
         if not theirs:
-            self._claim(fp.hash, starting)
             return fp.branch, fp, parent
         kind = "rewind" if after is not None else "restart"
         branch, branched = self._new_branch(kind, base=fp.branch)
-        self._claim(branched.hash, starting)
+        try:
+            self._claim(branched.hash, starting)
+        finally:
+            self._leave(fp.hash)
         if parent is None:
             parent = Parent(fp.hash, after if after is not None else max(theirs), kind)
         where = f"a branch of it: experiment {branched.hash} (branch {branch!r}, parent {parent.ref})"
@@ -230,9 +236,11 @@ class Lineage:
                 return branch, fp
         raise AssertionError("unreachable")
 
-    def _claim(self, exp_hash: str, starting: bool) -> None:
+    def _claim(self, exp_hash: str, starting: bool) -> bool:
+        """Claim ``exp_hash`` for this run; False (said once) when another live process writes it."""
         try:
             self._enter(exp_hash)
+            return True
         except ExperimentInUseError as exc:
             if starting:  # nothing trained or changed yet: the run does not start
                 exc.at_start = True
@@ -240,6 +248,7 @@ class Lineage:
             self._failures.warn_once(f"in-use:{exp_hash}", "the run moves into experiment %s: %s Training goes on; "
                                      "its checkpoints there fail (raised from wait() or close()) while that process "
                                      "writes it", exp_hash, exc)
+            return False
 
     def _adopt(self, fp: Fingerprint, parent: Parent | None, *, branch: str | None,
                record: ExperimentRecord | None = None) -> None:
@@ -306,12 +315,12 @@ class Lineage:
         resumed = (manifest.experiment, manifest.step)
         lines = None
         if fp.hash == manifest.experiment:
-            branch, target, parent = self._own(fp, None, starting=True, resumed=resumed)
+            branch, target, parent = self._own(fp, None, starting=True, resuming=resumed)
         else:
             lines = self._differences(record, fp) if record is not None else []
             branch, target, parent = self._own(
                 fp, Parent(manifest.experiment, manifest.step, "resume_with_changes", tuple(lines)), starting=True,
-                resumed=resumed)
+                resuming=resumed)
         # (claimed: nothing below fails)
         self.resumed_from, self._resumed = manifest.ref, resumed
         self._adopt(target, parent, branch=branch, record=record if target.hash == manifest.experiment else None)

@@ -251,10 +251,23 @@ class Saver:
                     "optimizer updates done (after a resume, start the loop at system.start_step + 1)", ref, why, step)
             log.debug("checkpoint %s exists already: not saved again", ref)
             return True
+        if self.claims.holds(exp_hash):  # (normally: the lineage entered it)
+            return False
+        # The run moved into an experiment another process was writing: try again, and write there
+        # only if nobody else has since (two trajectories in one experiment are what claims prevent).
         try:
-            self.claims.enter(exp_hash)  # (held already, normally: the lineage entered it)
+            self.claims.enter(exp_hash)
         except ExperimentInUseError as exc:
             self._failures.fail(f"checkpoint {ref}", exc, once=f"in-use:{exp_hash}")
+            return True
+        theirs = [s for s, _ in self._manager.layout.manifests(exp_hash) if (exp_hash, s) not in self._saved]
+        if theirs:
+            self.claims.drop(exp_hash)
+            self._failures.fail(f"checkpoint {ref}", ExperimentInUseError(
+                f"experiment {exp_hash} holds checkpoints another run wrote while this run waited to write it "
+                f"(steps {', '.join(map(str, theirs[-5:]))}); this run does not write there, so as not to interleave "
+                "two trajectories: its checkpoints fail until it moves to another experiment",
+                experiment=exp_hash), once=f"taken:{exp_hash}")
             return True
         return False
 

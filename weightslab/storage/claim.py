@@ -216,6 +216,14 @@ class Claims:
         with self._lock:
             self._in.discard(exp_hash)
 
+    def drop(self, exp_hash: str) -> None:
+        """Release one claim now (nothing was written under it)."""
+        with self._lock:
+            self._in.discard(exp_hash)
+            claim = self._held.pop(exp_hash, None)
+            if claim is not None:
+                claim.release()
+
     def release_left(self) -> None:
         """Release the claims of the experiments the run has left."""
         with self._lock:
