@@ -83,6 +83,7 @@ class Lineage:
         self.branch: str | None = None  # set by a fork: part of every hash from then on
         self.resumed_from: str | None = None  # the checkpoint this run continues
         self._resumed: tuple[str, int] | None = None  # ... as (experiment, step)
+        self._rewind: tuple[Fingerprint, list[int]] | None = None  # its experiment's later steps: branch away
 
     @property
     def hash(self) -> str | None:
@@ -107,6 +108,8 @@ class Lineage:
     # --- at a step boundary -------------------------------------------------------------------
     def look(self, step: int, *, last_step: int | None, forced: tuple[str, ...] = ()) -> Look:
         """What changed since the last boundary; a new hash opens a child experiment."""
+        if self._rewind is not None:
+            self._rewind_now()
         poll = self.detector.poll()
         look = Look(state=list(poll.state), hyperparams_moved=poll.hyperparams)
         if self.record is None or poll.structure or poll.hyperparams or {"model_change", "config_change"} & set(forced):
@@ -188,18 +191,28 @@ class Lineage:
         """Where the run writes instead of ``fp``'s experiment, claimed: (branch, fingerprint, parent).
 
         That experiment itself, unless it holds checkpoints of another trajectory, which this run's
-        must never replace: an earlier run's; after a resume of ``resuming`` (experiment, step) now,
-        any later than that step, this run's own included; on returning to the experiment of the
-        checkpoint the run continues, later ones it did not take. Then a new branch of it. Another
-        live process writing it raises when ``starting``; later, the run stays (its saves fail)."""
-        resumed = resuming if resuming is not None else self._resumed
-        after = resumed[1] if resumed is not None and resumed[0] == fp.hash else None
+        must never replace (:meth:`_theirs`): then a new branch of it. Another live process writing
+        it raises when ``starting``; later, the run stays (its saves fail)."""
         if not self._claim(fp.hash, starting):  # first: a live writer refuses the run even if it would branch
             return fp.branch, fp, parent
-        theirs = [step for step, _ in self._manager.layout.manifests(fp.hash)
-                  if (after is None or step > after) and (resuming is not None or not self._saved(fp.hash, step))]
+        theirs, after = self._theirs(fp.hash, resuming)
         if not theirs:
             return fp.branch, fp, parent
+        return self._branch_away(fp, parent, theirs=theirs, after=after, starting=starting)
+
+    def _theirs(self, exp_hash: str, resuming: tuple[str, int] | None = None) -> tuple[list[int], int | None]:
+        """The steps of ``exp_hash``'s checkpoints that belong to another trajectory, and the step after
+        which they count: an earlier run's; on returning to the experiment of the checkpoint the run
+        continues, those after it that this run did not take; after a resume of ``resuming``
+        (experiment, step) now, any later than that step, this run's own included."""
+        resumed = resuming if resuming is not None else self._resumed
+        after = resumed[1] if resumed is not None and resumed[0] == exp_hash else None
+        return [step for step, _ in self._manager.layout.manifests(exp_hash)
+                if (after is None or step > after) and (resuming is not None or not self._saved(exp_hash, step))], after
+
+    def _branch_away(self, fp: Fingerprint, parent: Parent | None, *, theirs: list[int], after: int | None,
+                     starting: bool) -> tuple[str, Fingerprint, Parent]:
+        """A new branch of ``fp``'s experiment, claimed, for a run that must not write there; said."""
         kind = "rewind" if after is not None else "restart"
         branch, branched = self._new_branch(kind, base=fp.branch)
         try:
@@ -307,22 +320,28 @@ class Lineage:
         """The run now holds ``manifest``'s state: continue in its experiment (and on its branch).
         If the registered objects hash differently (a hyperparameter the checkpoint could not
         overwrite, other excluded keys), branch into a child experiment and return the differences;
-        None when the run continues the checkpoint's own experiment (or a rewind branch of it, when
-        that experiment holds later checkpoints). Raises, changing nothing, when another live
-        process writes the experiment the run would continue in."""
+        None when the run continues the checkpoint's own experiment. Raises, changing nothing, when
+        another live process writes the experiment the run would continue in.
+
+        An experiment holding checkpoints after the one resumed (another trajectory: the run resumed
+        an earlier one) is left at the next step boundary for a ``rewind-<n>`` branch of it: until
+        the run trains, it is where the checkpoint is (a script may resume several in turn)."""
         branch = record.branch if record is not None else None  # continuing a fork stays on its branch
         fp = self.hasher.fingerprint(self._ledger.objects("model"), self._ledger.objects("hyperparams"), branch=branch)
         resumed = (manifest.experiment, manifest.step)
-        lines = None
+        lines, rewind = None, None
         if fp.hash == manifest.experiment:
-            branch, target, parent = self._own(fp, None, starting=True, resuming=resumed)
+            self._claim(fp.hash, True)
+            target, parent = fp, None
+            theirs, _ = self._theirs(fp.hash, resumed)
+            rewind = (fp, theirs) if theirs else None
         else:
             lines = self._differences(record, fp) if record is not None else []
             branch, target, parent = self._own(
                 fp, Parent(manifest.experiment, manifest.step, "resume_with_changes", tuple(lines)), starting=True,
                 resuming=resumed)
         # (claimed: nothing below fails)
-        self.resumed_from, self._resumed = manifest.ref, resumed
+        self.resumed_from, self._resumed, self._rewind = manifest.ref, resumed, rewind
         self._adopt(target, parent, branch=branch, record=record if target.hash == manifest.experiment else None)
         self.track()
         if lines is not None:
@@ -330,12 +349,21 @@ class Lineage:
                      "; ".join(lines) or "no readable difference")
         return lines
 
+    def _rewind_now(self) -> None:
+        """The run trains on from a checkpoint older than its experiment's newest: into a branch."""
+        (fp, theirs), self._rewind = self._rewind, None
+        assert self._resumed is not None
+        if self.hash == fp.hash:
+            branch, branched, parent = self._branch_away(fp, None, theirs=theirs, after=self._resumed[1],
+                                                         starting=False)
+            self._adopt(branched, parent, branch=branch)
+
     def fork(self, manifest: Manifest, *, branch: str, lines: list[str]) -> str:
         """Branch from ``manifest`` (restored, with its overrides applied) into ``branch``'s experiment."""
         fp = self.hasher.fingerprint(self._ledger.objects("model"), self._ledger.objects("hyperparams"), branch=branch)
         branch, target, parent = self._own(fp, Parent(manifest.experiment, manifest.step, "fork", tuple(lines)),
                                            starting=True)
-        self.resumed_from, self._resumed = manifest.ref, (manifest.experiment, manifest.step)
+        self.resumed_from, self._resumed, self._rewind = manifest.ref, (manifest.experiment, manifest.step), None
         self._adopt(target, parent, branch=branch)
         self.track()
         return target.hash

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WeightslabError
-from .atomic import make_dirs
 from .layout import Layout
 
 try:
@@ -106,6 +105,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _make_dirs(directory: Path) -> None:
+    """``atomic.make_dirs`` without ``atomic.DISK``: the directories a lock file needs are those the
+    checkpoints go into, so each new one is made durable in its parent all the same; but a lock is
+    not a save's write, and the fault-injection tests that replace ``DISK`` count a save's I/O."""
+    created = []
+    for d in reversed([directory, *directory.parents]):
+        if not d.exists():
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue
+            created.append(d)
+    for d in created:
+        fd = os.open(d.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def lock_path(layout: Layout, exp_hash: str) -> Path:
     """The lock file of one experiment, beside its directory."""
     return layout.checkpoints_dir / f"{exp_hash}.lock"
@@ -134,7 +153,7 @@ class Claim:
         if fcntl is None:  # pragma: no cover
             return cls(exp_hash, path, None)
         try:
-            make_dirs(path.parent)
+            _make_dirs(path.parent)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             return cls._unlocked(exp_hash, path, exc)
