@@ -130,12 +130,18 @@ def lock_path(layout: Layout, exp_hash: str) -> Path:
     return layout.checkpoints_dir / f"{exp_hash}.lock"
 
 
-def _read_holder(path: Path) -> Holder | None:
-    try:
-        body = json.loads(path.read_bytes()[:4096])
-        return Holder(pid=int(body["pid"]), host=str(body["host"]), run=str(body["run"]), since=str(body["since"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # being written, or written by something else: the refusal says "unknown"
+def _read_holder(path: Path, *, attempts: int = 20) -> Holder | None:
+    """Who holds ``path``, as it wrote; None if it does not say (it writes just after locking: a
+    few short waits cover that moment)."""
+    for attempt in range(attempts):
+        try:
+            body = json.loads(path.read_bytes()[:4096])
+            return Holder(pid=int(body["pid"]), host=str(body["host"]), run=str(body["run"]),
+                          since=str(body["since"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            if attempt + 1 < attempts:
+                time.sleep(0.005)
+    return None
 
 
 class Claim:
