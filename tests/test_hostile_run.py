@@ -246,6 +246,27 @@ def test_the_same_step_twice_keeps_the_first_checkpoint_and_says_so_once(root: P
     system.close()
 
 
+def test_a_change_forced_at_a_saved_step_retakes_it_only_if_no_optimizer_step_came_since(root: Path, caplog) -> None:
+    system, model, opt, _ = setup(root, frequency=10)
+    train(model, opt)
+    assert wl.checkpoint_on_step(10) is True
+    h = system.experiment_hash
+    model[0].requires_grad_(False)
+    with caplog.at_level(logging.INFO):
+        assert wl.checkpoint_on_state_change("freeze") is True  # the same boundary: its checkpoint, with the change
+    assert f"checkpoint {h}@10 is taken again with the change forced at its step" in caplog.text
+    system.wait()
+    assert read_manifest(root, h, 10)["state"]["models"]["main"]["frozen"] == ["0.weight", "0.bias"]
+    kept = Layout(root).manifest(h, 10).read_bytes()
+    train(model, opt)  # an optimizer step: the state is no longer step 10's
+    model[1].eval()
+    with caplog.at_level(logging.WARNING):
+        assert wl.checkpoint_on_state_change("eval") is False
+    system.close()
+    assert f"checkpoint {h}@10 exists already" in caplog.text and "came since" in caplog.text
+    assert Layout(root).manifest(h, 10).read_bytes() == kept
+
+
 def test_a_step_going_backwards_never_replaces_the_checkpoint_of_that_step(root: Path, caplog) -> None:
     system, model, opt, _ = setup(root, frequency=10)
     for step in (10, 20):

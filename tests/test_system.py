@@ -189,22 +189,18 @@ def test_eval_counts_only_when_it_lasts(root: Path) -> None:
     system.close()
 
 
-def test_explicit_change_calls_force_a_checkpoint(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_explicit_change_calls_force_a_checkpoint(root: Path) -> None:
     system, model, opt, _ = setup_run(root, frequency=100, save_on_close=False)
     train_step(model, opt)
     wl.checkpoint_on_step(7)
     h = system.experiment_hash
     assert wl.checkpoint_on_state_change("reset") is True
-    with caplog.at_level(logging.WARNING):
-        # (issue 16: a committed checkpoint is never replaced; until then the latest state of step 7 won)
-        assert wl.checkpoint_on_model_change() is False
-        assert wl.checkpoint_on_config_change() is False
+    assert wl.checkpoint_on_model_change() is True
+    assert wl.checkpoint_on_config_change() is True
     system.wait()
-    m = read_manifest(root, h, 7)  # the same step label: the first checkpoint of step 7 is kept
-    assert m["reasons"] == ["state_change"]
+    m = read_manifest(root, h, 7)  # the same step label: the latest state of step 7 wins
+    assert m["reasons"] == ["config_change"]
     assert manifests(root) == {h: [7]}
-    assert caplog.text.count(f"checkpoint {h}@7 exists already") == 1
-    assert "before checkpoint_on_step(7)" in caplog.text
     system.close()
 
 
@@ -241,11 +237,10 @@ def test_resume_restores_every_registered_object(root: Path) -> None:
     for step in range(1, 5):
         train_step(model, opt)
         sched.step()
-        if step == 4:  # (the change is made, and saved, before the step's own checkpoint, which would be kept)
-            model[0].requires_grad_(False)
-            model[1].eval()
-            assert wl.checkpoint_on_state_change("freeze") is True
         wl.checkpoint_on_step(step)
+    model[0].requires_grad_(False)
+    model[1].eval()
+    wl.checkpoint_on_state_change("freeze")
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt, saved_sched, rng = opt.state_dict(), sched.state_dict(), torch.get_rng_state()
     system.close()

@@ -11,9 +11,12 @@ manifest (:mod:`weightslab.storage.manager`; a tensor whose digest the root hold
 a remote root gets the upload, then retention runs.
 
 Nothing committed is replaced: a save whose experiment and step a checkpoint holds already (this
-run's, or an earlier run's) is not taken, with a warning; and a save goes only into an experiment
-this process has claimed (:mod:`weightslab.storage.claim`): another live process writing it fails
-the save, which is kept for ``wait()`` / ``close()``, and nothing interleaves.
+run's, or an earlier run's) is not taken, with a warning. The one exception is a change forced at
+the step of this run's latest checkpoint with no optimizer step since (``checkpoint_on_state_change``
+after ``checkpoint_on_step``): the same boundary's checkpoint is taken again with the change, and
+the log says so. A save goes only into an experiment this process has claimed
+(:mod:`weightslab.storage.claim`): another live process writing it fails the save, which is kept
+for ``wait()`` / ``close()``, and nothing interleaves.
 
 In a distributed job every rank takes part in a save (it was agreed at the boundary): each rank's own
 state travels to rank 0 (:meth:`~weightslab.distributed.job.Job.exchange_own`), every rank writes its sharded
@@ -88,6 +91,8 @@ class Saver:
         self._unpushed: list[Manifest] = []  # committed locally, not uploaded yet (a failed push)
         self._shard_saves: list[tuple[str, _sharded.SaveHandle]] = []  # ranks > 0: their shards being written
         self.claims = Claims(manager.layout, run=self.run)  # the experiments this run writes (rank 0's)
+        self._latest: tuple[str, int] | None = None  # this run's latest checkpoint (experiment, step) ...
+        self._stepped = False  # ... and whether a (hooked) optimizer step started since
 
     # --- what this run saved --------------------------------------------------------------------
     def saved(self, experiment: str, step: int) -> bool:
@@ -145,7 +150,8 @@ class Saver:
         ref = f"{experiment.hash}@{step}"
         writes = job.writes
         strict = self._failures.strict
-        refused = writes and self._refused(experiment.hash, step, ref, reasons)  # (rank 0 decides for every rank)
+        forced = any(isinstance(c, Mapping) and c.get("forced") for c in changes)  # checkpoint_on_*_change
+        refused = writes and self._refused(experiment.hash, step, ref, forced)  # (rank 0 decides for every rank)
         if refused and not job.distributed:
             return False
         skipping = self._backpressure == "skip" and not strict and "preempt" not in reasons
@@ -216,6 +222,7 @@ class Saver:
         if snap.in_flight:
             self._in_flight = snap
         self.mark_saved(experiment.hash, step)
+        self._latest, self._stepped = (experiment.hash, step), False
         self._last_save = self._clock()
         if strict:
             try:
@@ -231,18 +238,22 @@ class Saver:
             self._writer.submit(ref, lambda: self._commit(request, snap, shards), snap.copied_bytes)
         return True
 
-    def _refused(self, exp_hash: str, step: int, ref: str, reasons: tuple[str, ...]) -> bool:
+    def _refused(self, exp_hash: str, step: int, ref: str, forced: bool) -> bool:
         """Whether a save of ``exp_hash@step`` must not be written (said here): a committed checkpoint
-        is never replaced, and an experiment another live process writes is left to it."""
+        is never replaced (but by a change forced at the same boundary), and an experiment another
+        live process writes is left to it."""
         mine = (exp_hash, step) in self._saved
-        if mine or self._manager.layout.manifest(exp_hash, step).exists():
-            why = "this run took it at an earlier boundary" if mine else "an earlier run committed it"
-            if mine and not {"step", "time"} & set(reasons):  # a change forced after the step's own save
+        if mine and forced and self._latest == (exp_hash, step) and not self._stepped:
+            log.info("checkpoint %s is taken again with the change forced at its step (no optimizer step ran since): "
+                     "it replaces this run's own checkpoint of step %d", ref, step)
+        elif mine or self._manager.layout.manifest(exp_hash, step).exists():
+            why = "this run took it, or resumed from it" if mine else "an earlier run committed it"
+            if mine and forced:
                 self._failures.warn_once(
-                    "kept-forced", "checkpoint %s exists already (%s): weightslab never replaces a committed "
-                    "checkpoint, so the checkpoint forced now (%s) is not taken (said once). The change is saved "
-                    "with the next step's checkpoint; to have it in this step's, make it and call "
-                    "checkpoint_on_state_change() before checkpoint_on_step(%d)", ref, why, ", ".join(reasons), step)
+                    "kept-forced", "checkpoint %s exists already (%s), and an optimizer step (or another checkpoint) "
+                    "came since: weightslab never replaces a committed checkpoint, so the checkpoint forced now is "
+                    "not taken (said once). Call checkpoint_on_step(step) at the end of each step, and the "
+                    "checkpoint_on_*_change() of a change right after the step it belongs to", ref, why)
             else:
                 self._failures.warn_once(
                     "kept", "checkpoint %s exists already (%s): weightslab never replaces a committed checkpoint, so "
@@ -354,10 +365,17 @@ class Saver:
         """The models and optimizers now hold exactly the restored blobs: with ``delta``, the next
         save stores what changed as deltas against them. The checkpoint counts as taken by this run."""
         self.mark_saved(manifest.experiment, manifest.step)
+        self._latest = None  # (a change forced at that step is not this run's to put into it)
         refs = {k: e.blob for k, e in manifest.tensors.items() if k.startswith(("models/", "optimizers/"))}
         self._manager.remember({k: blob_of(k, loaded[k]) for k in refs if k in loaded}, refs)
 
     # --- waiting ----------------------------------------------------------------------------------
+    def before_step(self) -> None:
+        """A registered optimizer's step starts (its pre-step hook): wait for the background copy,
+        and remember that the state has moved on from the latest checkpoint."""
+        self._stepped = True
+        self.settle()
+
     def settle(self) -> None:
         """Right before the next step may change parameters or optimizer state: wait for the
         background copy of the last save's (on a GPU, the training stream waits, not the host)."""

@@ -105,7 +105,7 @@ class AutomaticCheckpointSystem:
         self._restorer = Restorer(ledger, self.manager, self._job, self._failures, rank_state=config.rank_state,
                                   excluded_keys=self._lineage.hasher.excluded_keys)
         self._clock = StepClock(hooks=config.hook_optimizer, lock=self._lock, on_boundary=self._implicit_boundary,
-                                on_forward=self._forward, on_step=self._saver.settle)
+                                on_forward=self._forward, on_step=self._saver.before_step)
         self._watch = ConfigWatch(mode=config.watch_files)
         self._policy = SavePolicy(every_steps=config.checkpoint_frequency, every_seconds=config.every_seconds)
         self._binding = OptimizerBinding(config.optimizer_keys)
