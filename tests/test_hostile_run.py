@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import weightslab as wl
+from weightslab.fingerprint import ExperimentHashGenerator
 from weightslab.storage.layout import Layout
 from weightslab.storage.manifest import seal
 
@@ -224,6 +225,22 @@ def test_a_run_moving_into_an_experiment_another_process_writes_goes_on_and_its_
     system.close()
     assert manifests(root) == {first: [1, 2, 6], held: [3]}
     assert len(runs(root)[held]) == 1 and runs(root)[held] != runs(root)[first]
+
+
+def test_a_lock_file_planted_as_a_link_is_never_written_through(root: Path, tmp_path: Path, caplog) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    system, model, opt, config = setup(root)
+    h = ExperimentHashGenerator().fingerprint({"main": model}, {"config": config}).hash  # what it will claim
+    (root / "checkpoints").mkdir(parents=True)
+    os.symlink(victim, root / "checkpoints" / f"{h}.lock")
+    with caplog.at_level(logging.WARNING):
+        train(model, opt)
+        assert wl.checkpoint_on_step(1) is True  # no lock here: said, and the run goes on
+    system.close()
+    assert "cannot lock" in caplog.text and "cannot tell whether another process writes" in caplog.text
+    assert victim.read_text() == "precious"
+    assert manifests(root) == {h: [1]}
 
 
 # --- 5. a committed checkpoint is never replaced -----------------------------------------------------

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -130,12 +131,20 @@ def lock_path(layout: Layout, exp_hash: str) -> Path:
     return layout.checkpoints_dir / f"{exp_hash}.lock"
 
 
+_FLAGS = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)  # a lock file planted as a symlink is never followed
+
+
 def _read_holder(path: Path, *, attempts: int = 20) -> Holder | None:
     """Who holds ``path``, as it wrote; None if it does not say (it writes just after locking: a
     few short waits cover that moment)."""
     for attempt in range(attempts):
         try:
-            body = json.loads(path.read_bytes()[:4096])
+            fd = os.open(path, os.O_RDONLY | _FLAGS)
+            try:
+                data = os.pread(fd, 4096, 0)
+            finally:
+                os.close(fd)
+            body = json.loads(data)
             return Holder(pid=int(body["pid"]), host=str(body["host"]), run=str(body["run"]),
                           since=str(body["since"]))
         except (OSError, ValueError, KeyError, TypeError):
@@ -160,7 +169,10 @@ class Claim:
             return cls(exp_hash, path, None)
         try:
             _make_dirs(path.parent)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | _FLAGS, 0o666)  # (the umask decides, as for the root)
+            except PermissionError:  # another user's lock file in a shared root: a lock needs no write access
+                fd = os.open(path, os.O_RDONLY | _FLAGS)
         except OSError as exc:
             return cls._unlocked(exp_hash, path, exc)
         try:
@@ -184,9 +196,11 @@ class Claim:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "run": run,
               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:  # (who holds it is information for a refused process, not part of the lock)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
-        except OSError:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:  # never write through a planted hard link
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
+        except OSError:  # (read-only: another user's file; a refused process may then read an earlier holder)
             pass
         return cls(exp_hash, path, fd)
 
