@@ -32,39 +32,68 @@ from . import codec
 from .errors import InvalidMetricsError, InvalidStepError
 from .ledger import Entry
 
-__all__ = ["StepClock", "Deferred", "Boundary", "check_step", "check_metrics"]
+__all__ = ["StepClock", "Deferred", "Boundary", "MAX_STEP", "check_step", "check_metrics", "check_change_kind"]
 
 log = logging.getLogger(__name__)
 
+#: The largest step a checkpoint can be labelled with: the catalog stores steps as SQLite INTEGERs
+#: (signed 64-bit).
+MAX_STEP = 2**63 - 1  # the same bound as the storage layer's MAX_STEP
+
 
 def check_step(step: Any) -> int:
-    """The step a loop passed, as an int >= 0; anything else is an error that says what to pass."""
+    """The step a loop passed, as an int in [0, MAX_STEP]; anything else is an error that says what to pass."""
     if isinstance(step, bool) or not hasattr(step, "__index__"):
         raise InvalidStepError(f"checkpoint_on_step(step) needs an integer step (the number of optimizer "
                                f"updates done), got {type(step).__name__} {step!r}; pass int(step)")
     value = step.__index__()
     if value < 0:
         raise InvalidStepError(f"checkpoint_on_step(step) needs a step >= 0, got {value}")
+    if value > MAX_STEP:
+        raise InvalidStepError(f"checkpoint_on_step(step) needs a step <= 2**63 - 1 (what the catalog of "
+                               f"checkpoints stores), got {value}; pass the number of optimizer updates done")
     return value
 
 
 def check_metrics(metrics: Any) -> dict[str, Any] | None:
-    """The metrics a loop passed, as JSON numbers (non-finite ones tagged by the codec)."""
+    """The metrics a loop passed, as JSON numbers (non-finite ones tagged by the codec); anything
+    else is an :class:`InvalidMetricsError` naming the metric and what to pass."""
     if metrics is None:
         return None
     if not isinstance(metrics, Mapping):
         raise InvalidMetricsError(f"metrics must be a dict of names to numbers, got {type(metrics).__name__}")
     out = {}
     for name, value in metrics.items():
-        if not isinstance(name, str):
-            raise InvalidMetricsError(f"metric names must be strings, got {name!r}")
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if not isinstance(name, str) or not name.strip():
+            # (an empty name cannot be written in a ref such as @best:<metric>, nor ranked by retention)
+            raise InvalidMetricsError(f"metric names must be non-empty strings, got {name!r}; name each metric, "
+                                      "as in metrics={'loss': loss.item()}")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise InvalidMetricsError(f"metric {name!r} is a tensor of {value.numel()} elements "
+                                          f"(shape {list(value.shape)}); pass one number, such as "
+                                          f"{name}.mean().item()")
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
             raise InvalidMetricsError(f"metric {name!r} must be a number, got {type(value).__name__} {value!r}; "
                                       "pass loss.item() rather than the tensor or a list")
-        out[name] = codec.encode(float(value), path=f"metrics/{name}", tensors={}, what="metrics")
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise InvalidMetricsError(f"metric {name!r} cannot be taken as a float ({type(exc).__name__}: {exc}): "
+                                      f"got {type(value).__name__} {shown}; pass one number that fits a 64-bit "
+                                      "float") from None
+        out[name] = codec.encode(number, path=f"metrics/{name}", tensors={}, what="metrics")
     return out
+
+
+def check_change_kind(kind: Any) -> str:
+    """The name of a state change passed to ``checkpoint_on_state_change(kind)``."""
+    if not isinstance(kind, str) or not kind:
+        raise InvalidStepError(f"checkpoint_on_state_change(kind) needs a short name of the change such as "
+                               f"'freeze' or 'reset', got {kind!r}")
+    return kind
 
 
 @dataclass(frozen=True)

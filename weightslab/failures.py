@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from .errors import CheckpointSaveError, WeightslabError
+from .storage.claim import ExperimentInUseError
 from .writer import Writer
 
 __all__ = ["Failures"]
@@ -28,14 +29,22 @@ class Failures:
         self.strict = strict
         self._warned: set[str] = set()
 
-    def fail(self, what: str, exc: BaseException) -> None:
-        """``what`` failed with ``exc``: raised under ``strict``, else logged and kept."""
+    def fail(self, what: str, exc: BaseException, *, once: str | None = None) -> None:
+        """``what`` failed with ``exc``: raised under ``strict``, else logged and kept. With ``once``,
+        a failure that would repeat at every save is logged the first time that key comes up (and
+        kept every time). A run refused at its start (another live process writes its experiment)
+        is raised whatever the settings: it has trained nothing yet, and could save nothing."""
+        if isinstance(exc, ExperimentInUseError) and exc.at_start:
+            raise exc
         if self.strict:
             if isinstance(exc, WeightslabError):
                 raise exc
             raise CheckpointSaveError(f"{what} failed: {type(exc).__name__}: {exc}", errors=[exc]) from exc
-        log.warning("%s failed: %s: %s (training goes on; the error is raised from wait() or close())",
-                    what, type(exc).__name__, exc)
+        if once is None or once not in self._warned:
+            if once is not None:
+                self._warned.add(once)
+            log.warning("%s failed: %s: %s (training goes on; the error is raised from wait() or close())",
+                        what, type(exc).__name__, exc)
         self._writer.keep(exc)
 
     def keep(self, exc: BaseException) -> None:

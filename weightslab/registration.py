@@ -30,13 +30,35 @@ def _register(entry: Entry) -> None:
     LEDGER.register(entry)
 
 
+class _NotGiven:
+    """The default of an argument left out: ``None`` passed on purpose is an error to report."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_NOT_GIVEN: Any = _NotGiven()
+
+
 def _split(kind: str, name: Any, obj: Any) -> tuple[str, Any]:
-    """Allow ``register_x(obj)`` as well as ``register_x(name, obj)``."""
-    if obj is None:
-        if name is None:
-            raise RegistrationError(f"register_{kind} needs the object to register")
+    """Allow ``register_x(obj)`` as well as ``register_x(name, obj)``; anything else is an error that
+    says what was passed and how to call it."""
+    usage = f"call register_{kind}({kind}) or register_{kind}(name, {kind})"
+    if obj is _NOT_GIVEN:
+        if name is _NOT_GIVEN or name is None:
+            raise RegistrationError(f"register_{kind} needs the object to register"
+                                    f"{', got None' if name is None else ''}: {usage}")
+        if isinstance(name, str) and kind != "hyperparams":  # (a YAML path alone is hyperparameters)
+            raise RegistrationError(f"register_{kind}({name!r}) got a name but no {kind}: {usage}")
         return DEFAULT_NAME, name
+    if name is _NOT_GIVEN:  # register_x(x=obj)
+        name = DEFAULT_NAME
+    if obj is None:
+        raise RegistrationError(f"register_{kind}({name!r}, None): the {kind} to register is None; {usage}")
     if not isinstance(name, str):
+        if isinstance(obj, str):
+            raise RegistrationError(f"register_{kind}({type(name).__name__}, {obj!r}): the name comes first; call "
+                                    f"register_{kind}({obj!r}, {kind})")
         raise RegistrationError(f"register_{kind}(name, {kind}): the name must be a string, got "
                                 f"{type(name).__name__}; pass register_{kind}({kind}) to use the name 'main'")
     return name, obj
@@ -54,7 +76,7 @@ def _require_type(kind: str, name: str, obj: Any, cls: type, display: str) -> No
         raise RegistrationError(f"cannot register {type(obj).__name__} as {kind} {name!r}: it must be a {display}")
 
 
-def register_model(name: Any = None, model: Any = None) -> Any:
+def register_model(name: Any = _NOT_GIVEN, model: Any = _NOT_GIVEN) -> Any:
     """Register a ``torch.nn.Module`` (``register_model(model)`` uses the name ``"main"``)."""
     name, model = _split("model", name, model)
     _require_type("model", name, model, torch.nn.Module, "torch.nn.Module")
@@ -62,7 +84,7 @@ def register_model(name: Any = None, model: Any = None) -> Any:
     return model
 
 
-def register_optimizer(name: Any = None, optimizer: Any = None) -> Any:
+def register_optimizer(name: Any = _NOT_GIVEN, optimizer: Any = _NOT_GIVEN) -> Any:
     """Register a ``torch.optim.Optimizer``; a post-step hook then finds the step boundaries."""
     name, optimizer = _split("optimizer", name, optimizer)
     _require_type("optimizer", name, optimizer, torch.optim.Optimizer, "torch.optim.Optimizer")
@@ -70,7 +92,7 @@ def register_optimizer(name: Any = None, optimizer: Any = None) -> Any:
     return optimizer
 
 
-def register_scheduler(name: Any = None, scheduler: Any = None) -> Any:
+def register_scheduler(name: Any = _NOT_GIVEN, scheduler: Any = _NOT_GIVEN) -> Any:
     """Register a learning-rate scheduler (anything with ``state_dict``/``load_state_dict``)."""
     name, scheduler = _split("scheduler", name, scheduler)
     _require("scheduler", name, scheduler, ("state_dict", "load_state_dict"),
@@ -79,7 +101,7 @@ def register_scheduler(name: Any = None, scheduler: Any = None) -> Any:
     return scheduler
 
 
-def register_scaler(name: Any = None, scaler: Any = None) -> Any:
+def register_scaler(name: Any = _NOT_GIVEN, scaler: Any = _NOT_GIVEN) -> Any:
     """Register an AMP ``GradScaler`` (anything with ``state_dict``/``load_state_dict``)."""
     name, scaler = _split("scaler", name, scaler)
     _require("scaler", name, scaler, ("state_dict", "load_state_dict"), "use torch.amp.GradScaler")
@@ -87,7 +109,7 @@ def register_scaler(name: Any = None, scaler: Any = None) -> Any:
     return scaler
 
 
-def register_hyperparams(name: Any = None, hyperparams: Any = None) -> Any:
+def register_hyperparams(name: Any = _NOT_GIVEN, hyperparams: Any = _NOT_GIVEN) -> Any:
     """Register hyperparameters: a dict, a dataclass instance, a namespace, or a YAML file's path.
 
     Returns the live object weightslab tracks (for a YAML path, the dict loaded from it). Mutate it
@@ -100,7 +122,7 @@ def register_hyperparams(name: Any = None, hyperparams: Any = None) -> Any:
     return live
 
 
-def register_dataloader(name: Any = None, dataloader: Any = None) -> Any:
+def register_dataloader(name: Any = _NOT_GIVEN, dataloader: Any = _NOT_GIVEN) -> Any:
     """Register a data loader (its position is saved when it offers ``state_dict()``)."""
     name, dataloader = _split("dataloader", name, dataloader)
     if not hasattr(dataloader, "__iter__"):
@@ -126,7 +148,8 @@ def register_state(name: Any = None, getter: Callable[[], Any] | None = None,
                                 f"{type(name).__name__}")
     if not callable(getter) or not callable(setter):
         raise RegistrationError(f"register_state({name!r}, getter, setter) needs two callables: getter() "
-                                "returning the state and setter(state) restoring it")
+                                "returning the state and setter(state) restoring it; got "
+                                f"{type(getter).__name__} and {type(setter).__name__}")
     _register(Entry("state", name, getter, setter=setter))
 
 

@@ -6,7 +6,12 @@ an explicit ref never does). Each candidate is read once into a :class:`Resolved
 manifest, verified by its digest, and its experiment's record), which is handed down to every step
 that needs it: building the model it needs (``model_factory``), the check that it fits the
 registered objects, loading its tensors (every byte verified), restoring them, and the lineage.
-Nothing registered changes until every tensor has been read and verified.
+Nothing registered changes until every tensor has been read and verified, and the experiment's
+record checked (:func:`weightslab.lineage.check_record`). What no check can foresee (a
+``register_state`` setter that raises, or the lineage refusing afterwards: another live process
+writes the experiment) is undone: :meth:`Restorer.restore` takes the objects' state first
+(:class:`weightslab.state.Undo`) and puts back those it reached, and the :class:`Restored` it
+returns can be taken back until the resume has finished.
 
 In a distributed job every rank resolves the same ref against the same root (a shared filesystem or
 a remote URL); :meth:`~weightslab.distributed.job.Job.agree_on_checkpoint` makes sure they found the same
@@ -16,11 +21,12 @@ checkpoint before any rank restores anything, and rank r restores rank r's own s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -30,9 +36,10 @@ from .distributed import ranks as _ranks
 from .distributed import sharded as _sharded
 from .distributed.job import Job
 from .distributed.sharded import is_sharded
-from .errors import ArchitectureMismatchError, ConfigError, CorruptCheckpointError, WeightslabError
+from .errors import ArchitectureMismatchError, ConfigError, CorruptCheckpointError, StateError, WeightslabError
 from .failures import Failures
 from .ledger import Entry, Ledger
+from .lineage import check_record
 from .refs import parse_ref
 from .storage.experiment import ExperimentRecord
 from .storage.manager import CheckpointEntry, CheckpointManager
@@ -40,7 +47,7 @@ from .storage.manifest import Manifest
 from .storage.shardfiles import ShardedFiles
 from .tensors import load_tensors, tag_dtype, tensor_meta
 
-__all__ = ["CheckpointInfo", "Resolved", "Restorer"]
+__all__ = ["CheckpointInfo", "Resolved", "Restored", "Restorer"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +98,34 @@ class Resolved:
             architecture=record.architecture if record else [], nbytes=manifest.total_bytes)
 
 
+@dataclass
+class Restored:
+    """A checkpoint put into the registered objects (``tensors``: every tensor restored, by key),
+    which :meth:`taken_back_on_error` undoes if what follows the restore fails."""
+
+    ref: str
+    tensors: dict[str, torch.Tensor]
+    undo: _state.Undo
+
+    @contextlib.contextmanager
+    def taken_back_on_error(self, *, then: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Anything raised inside puts the objects the restore changed back as they were, calls
+        ``then()``, and goes on."""
+        try:
+            yield
+        except BaseException as exc:
+            problems = self.undo.put_back()
+            then()
+            if problems:
+                log.error("resume from %s did not finish (%s), and these objects could not be put back as they "
+                          "were: %s. Build and register them again before training", self.ref, exc,
+                          "; ".join(f"{what}: {why}" for what, why in problems.items()))
+            else:
+                log.info("resume from %s did not finish (%s: %s); the registered objects are back as they were",
+                         self.ref, type(exc).__name__, exc)
+            raise
+
+
 class Restorer:
     """Resolves refs against one root and restores checkpoints into the registered objects."""
 
@@ -119,7 +154,10 @@ class Restorer:
 
     def _read(self, entry: CheckpointEntry) -> Resolved:
         manifest = self._manager.read_manifest(entry)
-        return Resolved(entry, manifest, self._manager.read_experiment(manifest.experiment))
+        record = self._manager.read_experiment(manifest.experiment)
+        if record is not None:
+            check_record(record, self._manager.layout.experiment_record(manifest.experiment))
+        return Resolved(entry, manifest, record)
 
     def peek(self, ref: str | os.PathLike[str], current: Callable[[], str | None]) -> Resolved | None:
         """The newest readable checkpoint ``ref`` means (its tensors not read); None if none."""
@@ -178,9 +216,10 @@ class Restorer:
         raise CorruptCheckpointError("no checkpoint of %s verifies:\n  %s" % (ref, "\n  ".join(damaged)))
 
     # --- restoring -----------------------------------------------------------------------------
-    def restore(self, resolved: Resolved, *, rank_state: str | None = None) -> dict[str, torch.Tensor]:
-        """Put a loaded checkpoint into the registered objects (RNG last); return every tensor
-        restored, by key (sharded ones included)."""
+    def restore(self, resolved: Resolved, *, rank_state: str | None = None) -> Restored:
+        """Put a loaded checkpoint into the registered objects (RNG last). If an object cannot take
+        its state back, those already restored are put back as they were and the error, naming the
+        object, is raised: nothing changed."""
         manifest = resolved.manifest
         assert resolved.tensors is not None, "load() the checkpoint before restoring it"
         digests = {key: entry.blob.digest for key, entry in manifest.tensors.items()}
@@ -194,9 +233,19 @@ class Restorer:
         for note in notes:
             log.warning("resume from %s: %s", manifest.ref, note)
         tensors = dict(resolved.tensors)
-        if resolved.shards is not None:
-            tensors.update(self._load_shards(manifest, *resolved.shards))
-        report = _state.restore(self._ledger, tree, tensors, excluded=self._excluded)
+        undo = _state.Undo(self._ledger)  # (before anything changes)
+        try:
+            if resolved.shards is not None:
+                for kind in ("model", "optimizer"):  # sharded tensors are read into the live ones
+                    for name in self._ledger.objects(kind):
+                        undo.reach(kind, name)
+                tensors.update(self._load_shards(manifest, *resolved.shards))
+            report = _state.restore(self._ledger, tree, tensors, excluded=self._excluded, undo=undo)
+        except Exception as exc:
+            error = self._undone(manifest.ref, exc, undo)
+            if error is exc:
+                raise
+            raise error from exc
         for what in report.missing:
             log.warning("resume from %s: %s is registered but not in the checkpoint; left as it is",
                         manifest.ref, what)
@@ -208,7 +257,30 @@ class Restorer:
                         manifest.ref, what)
         log.info("restored %s (step %d, %s) from %s", manifest.ref, manifest.step,
                  ", ".join(report.restored) or "nothing registered", resolved.entry.path)
-        return tensors
+        return Restored(manifest.ref, tensors, undo)
+
+    @staticmethod
+    def _undone(ref: str, exc: Exception, undo: _state.Undo) -> Exception:
+        """The error of a restore that failed, once the objects it reached are back as they were."""
+        reached = [undo.name(key) for key in dict.fromkeys(undo.reached)]
+        failing = reached[-1] if reached and not isinstance(exc, ArchitectureMismatchError) else None
+        problems = undo.put_back()
+        if set(problems) - {failing}:
+            return StateError(f"resume from {ref} failed ({exc}), and putting back what it had changed failed too: "
+                              + "; ".join(f"{what}: {why}" for what, why in problems.items())
+                              + ". The registered objects are partly restored: build and register them again "
+                              "before training")
+        before = [what for what in reached if what != failing]
+        note = f"what it had restored before ({', '.join(before) or 'nothing'}) is back as it was before the resume"
+        if failing in problems:  # (its own setter raised when given its earlier value too)
+            note += f"; {failing} is as the failed restore left it (putting back its earlier value raised " \
+                    f"{problems[failing]})"
+        elif failing is not None:
+            note += f", and so is {failing}: nothing changed"
+        if isinstance(exc, WeightslabError) and not isinstance(exc, StateError):
+            log.warning("resume from %s failed (%s); %s", ref, exc, note)
+            return exc
+        return StateError(f"resume from {ref} failed: {exc}. {note[0].upper()}{note[1:]}")
 
     def _load_shards(self, manifest: Manifest, directory: Path, files: ShardedFiles) -> dict[str, torch.Tensor]:
         """Read a checkpoint's sharded tensors (every rank, collectively) into the live ones of the

@@ -10,6 +10,14 @@ tensors of a distributed job are awaited, the snapshot becomes blobs, the manage
 manifest (:mod:`weightslab.storage.manager`; a tensor whose digest the root holds costs no bytes),
 a remote root gets the upload, then retention runs.
 
+Nothing committed is replaced: a save whose experiment and step a checkpoint holds already (this
+run's, or an earlier run's) is not taken, with a warning. The one exception is a change forced at
+the step of this run's latest checkpoint with no optimizer step since (``checkpoint_on_state_change``
+after ``checkpoint_on_step``): the same boundary's checkpoint is taken again with the change, and
+the log says so. A save goes only into an experiment this process has claimed
+(:mod:`weightslab.storage.claim`): another live process writing it fails the save, which is kept
+for ``wait()`` / ``close()``, and nothing interleaves.
+
 In a distributed job every rank takes part in a save (it was agreed at the boundary): each rank's own
 state travels to rank 0 (:meth:`~weightslab.distributed.job.Job.exchange_own`), every rank writes its sharded
 tensors with torch.distributed.checkpoint, and rank 0 alone commits the one manifest.
@@ -34,6 +42,7 @@ from .ledger import Ledger
 from .provenance import now, versions
 from .retention import Retention
 from .snapshot import Snapshot, Snapshotter
+from .storage.claim import Claims, ExperimentInUseError
 from .storage.experiment import ExperimentRecord
 from .storage.manager import CheckpointManager, SaveRequest
 from .storage.manifest import Manifest
@@ -81,6 +90,9 @@ class Saver:
         self._skipped = 0  # saves dropped by backpressure="skip"
         self._unpushed: list[Manifest] = []  # committed locally, not uploaded yet (a failed push)
         self._shard_saves: list[tuple[str, _sharded.SaveHandle]] = []  # ranks > 0: their shards being written
+        self.claims = Claims(manager.layout, run=self.run)  # the experiments this run writes (rank 0's)
+        self._latest: tuple[str, int] | None = None  # this run's latest checkpoint (experiment, step) ...
+        self._stepped = False  # ... and whether a (hooked) optimizer step started since
 
     # --- what this run saved --------------------------------------------------------------------
     def saved(self, experiment: str, step: int) -> bool:
@@ -102,11 +114,29 @@ class Saver:
     def seconds_since_save(self) -> float:
         return self._clock() - self._last_save
 
+    # --- which experiments this run writes ----------------------------------------------------
+    def enter(self, exp_hash: str) -> None:
+        """The run now writes into ``exp_hash``: claim it, or raise :class:`ExperimentInUseError` when
+        another live process writes it. (In a distributed job, rank 0 writes and claims.)"""
+        if self._job.writes:
+            self.claims.enter(exp_hash)
+
+    def leave(self, exp_hash: str) -> None:
+        """The run moved on from ``exp_hash``: its claim goes once the saves queued for it are written."""
+        if self._job.writes:
+            self.claims.leave(exp_hash)
+            self._writer.submit(f"release of {exp_hash}", self.claims.release_left)
+
     # --- saving ---------------------------------------------------------------------------------
     def file_record(self, record: ExperimentRecord) -> None:
-        """Write an experiment's record in the background (in order with the commits)."""
+        """Write an experiment's record in the background (in order with the commits), unless another
+        process writes that experiment (this run never got its claim)."""
+        def write() -> None:
+            if self.claims.holds(record.hash):
+                self._manager.write_experiment(record)
+
         if self._job.writes:
-            self._writer.submit(f"record of {record.hash}", lambda: self._manager.write_experiment(record))
+            self._writer.submit(f"record of {record.hash}", write)
 
     def save(self, *, experiment: ExperimentRecord, step: int, reasons: tuple[str, ...],
              changes: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any] | None, resumed_from: str | None,
@@ -120,6 +150,10 @@ class Saver:
         ref = f"{experiment.hash}@{step}"
         writes = job.writes
         strict = self._failures.strict
+        forced = any(isinstance(c, Mapping) and c.get("forced") for c in changes)  # checkpoint_on_*_change
+        refused = writes and self._refused(experiment.hash, step, ref, forced)  # (rank 0 decides for every rank)
+        if refused and not job.distributed:
+            return False
         skipping = self._backpressure == "skip" and not strict and "preempt" not in reasons
         if skipping and not job.distributed and not self._writer.has_room():
             return self._skip(ref)
@@ -138,12 +172,13 @@ class Saver:
             else {}
         try:
             exchange = job.exchange_own(experiment=experiment.hash, step=step, payload=payload, error=error,
-                                        sharded=len(sharded), skip=writes and skipping and not self._writer.has_room())
+                                        sharded=len(sharded),
+                                        skip=refused or (writes and skipping and not self._writer.has_room()))
         except Exception as exc:
             self._failures.fail(f"checkpoint {ref}", exc)
             return False
         if exchange.skip:
-            return self._skip(ref)
+            return False if refused else self._skip(ref)
         if job.distributed:
             self.mark_saved(experiment.hash, step)  # on every rank: final saves are decided alike
         assert captured is not None
@@ -187,6 +222,7 @@ class Saver:
         if snap.in_flight:
             self._in_flight = snap
         self.mark_saved(experiment.hash, step)
+        self._latest, self._stepped = (experiment.hash, step), False
         self._last_save = self._clock()
         if strict:
             try:
@@ -201,6 +237,50 @@ class Saver:
         else:
             self._writer.submit(ref, lambda: self._commit(request, snap, shards), snap.copied_bytes)
         return True
+
+    def _refused(self, exp_hash: str, step: int, ref: str, forced: bool) -> bool:
+        """Whether a save of ``exp_hash@step`` must not be written (said here): a committed checkpoint
+        is never replaced (but by a change forced at the same boundary), and an experiment another
+        live process writes is left to it."""
+        mine = (exp_hash, step) in self._saved
+        if mine and forced and self._latest == (exp_hash, step) and not self._stepped:
+            log.info("checkpoint %s is taken again with the change forced at its step (no optimizer step ran since): "
+                     "it replaces this run's own checkpoint of step %d", ref, step)
+        elif mine or self._manager.layout.manifest(exp_hash, step).exists():
+            why = "this run took it, or resumed from it" if mine else "an earlier run committed it"
+            if mine and forced:
+                self._failures.warn_once(
+                    "kept-forced", "checkpoint %s exists already (%s), and an optimizer step (or another checkpoint) "
+                    "came since: weightslab never replaces a committed checkpoint, so the checkpoint forced now is "
+                    "not taken (said once). Call checkpoint_on_step(step) at the end of each step, and the "
+                    "checkpoint_on_*_change() of a change right after the step it belongs to", ref, why)
+            else:
+                self._failures.warn_once(
+                    "kept", "checkpoint %s exists already (%s): weightslab never replaces a committed checkpoint, so "
+                    "it keeps that one and does not save step %d again (said once; the same holds for any later "
+                    "step label that exists). Pass checkpoint_on_step a step that keeps growing: the number of "
+                    "optimizer updates done (after a resume, start the loop at system.start_step + 1)", ref, why, step)
+            log.debug("checkpoint %s exists already: not saved again", ref)
+            return True
+        if self.claims.holds(exp_hash):  # (normally: the lineage entered it)
+            return False
+        # The run moved into an experiment another process was writing: try again, and write there
+        # only if nobody else has since (two trajectories in one experiment are what claims prevent).
+        try:
+            self.claims.enter(exp_hash)
+        except ExperimentInUseError as exc:
+            self._failures.fail(f"checkpoint {ref}", exc, once=f"in-use:{exp_hash}")
+            return True
+        theirs = [s for s, _ in self._manager.layout.manifests(exp_hash) if (exp_hash, s) not in self._saved]
+        if theirs:
+            self.claims.drop(exp_hash)
+            self._failures.fail(f"checkpoint {ref}", ExperimentInUseError(
+                f"experiment {exp_hash} holds checkpoints another run wrote while this run waited to write it "
+                f"(steps {', '.join(map(str, theirs[-5:]))}); this run does not write there, so as not to interleave "
+                "two trajectories: its checkpoints fail until it moves to another experiment",
+                experiment=exp_hash), once=f"taken:{exp_hash}")
+            return True
+        return False
 
     def _replaced(self, dropped: list[_Queued], newer: _Queued, ref: str) -> None:
         """Queued saves dropped for ``newer`` (under the writer's lock, before ``newer`` is queued):
@@ -231,6 +311,10 @@ class Saver:
             if shards is not None:  # the sharded tensors first: durable on every rank when this returns
                 request["tree"]["sharded"]["files"] = shards.result().to_json()
             manifest, _ = self._manager.commit(SaveRequest(**request, tensors=snap.entries(), blobs=snap.blobs()))
+        except BaseException:
+            if not self._job.distributed:  # not taken after all: a later save may take this step (ranks
+                self._saved.discard((request["experiment"].hash, request["step"]))  # would disagree)
+            raise
         finally:
             self.snapshotter.release(snap)  # its buffers serve the next snapshots
         if self._manager.remote is None or self._push(manifest):  # (never prune remotely what is not up yet)
@@ -279,11 +363,19 @@ class Saver:
     # --- after a resume ---------------------------------------------------------------------------
     def learn_restored(self, manifest: Manifest, loaded: Mapping[str, Any]) -> None:
         """The models and optimizers now hold exactly the restored blobs: with ``delta``, the next
-        save stores what changed as deltas against them."""
+        save stores what changed as deltas against them. The checkpoint counts as taken by this run."""
+        self.mark_saved(manifest.experiment, manifest.step)
+        self._latest = None  # (a change forced at that step is not this run's to put into it)
         refs = {k: e.blob for k, e in manifest.tensors.items() if k.startswith(("models/", "optimizers/"))}
         self._manager.remember({k: blob_of(k, loaded[k]) for k in refs if k in loaded}, refs)
 
     # --- waiting ----------------------------------------------------------------------------------
+    def before_step(self) -> None:
+        """A registered optimizer's step starts (its pre-step hook): wait for the background copy,
+        and remember that the state has moved on from the latest checkpoint."""
+        self._stepped = True
+        self.settle()
+
     def settle(self) -> None:
         """Right before the next step may change parameters or optimizer state: wait for the
         background copy of the last save's (on a GPU, the training stream waits, not the host)."""
@@ -315,3 +407,4 @@ class Saver:
         self._writer.close()
         self.wait_shards()
         self.snapshotter.close()
+        self.claims.close()

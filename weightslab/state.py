@@ -8,24 +8,30 @@ last (a restore may draw random numbers).
 
 Besides ``state_dict()``, a model's entry records which parameters are frozen and which modules
 are in eval mode: both change what the next training step computes, so an exact resume needs them.
+
+A restore can still fail where nothing could check it beforehand (a ``register_state`` setter that
+raises). :class:`Undo` takes the registered objects' state before a restore (copies) and learns
+which objects the restore reached, so that a resume that cannot finish puts exactly those back.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from . import codec, data, rng
 from . import hyperparams as _hp
 from .canonical import canonical_json
-from .errors import ArchitectureMismatchError, StateError
+from .errors import ArchitectureMismatchError, StateError, WeightslabError
 from .fingerprint import keep_excluded
 
-__all__ = ["Captured", "capture", "capture_early", "capture_own", "capture_replicated", "restore", "check_compatible", "RestoreReport"]
+__all__ = ["Captured", "capture", "capture_early", "capture_own", "capture_replicated", "restore", "check_compatible",
+           "RestoreReport", "Undo"]
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -64,6 +70,7 @@ class RestoreReport:
     missing: list[str] = field(default_factory=list)  # registered here, absent from the checkpoint
     unused: list[str] = field(default_factory=list)  # in the checkpoint, not registered here
     kept: list[str] = field(default_factory=list)  # "config.log_interval": excluded keys left as they are
+    current: str = "nothing"  # the object being restored (what a failure names)
 
 
 def capture_early(ledger: Ledger) -> dict[str, Any]:
@@ -204,10 +211,28 @@ def check_compatible(ledger: Ledger, tree: Mapping[str, Any],
 
 
 def restore(ledger: Ledger, tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *,
-            excluded: frozenset[str] = frozenset()) -> RestoreReport:
+            excluded: frozenset[str] = frozenset(), undo: Undo | None = None) -> RestoreReport:
     """Load ``tree`` into the registered objects (call :func:`check_compatible` first). Hyperparameter
-    keys in ``excluded`` (those left out of the experiment hash) keep their live values."""
+    keys in ``excluded`` (those left out of the experiment hash) keep their live values.
+
+    An object that cannot take its state back raises :class:`StateError` naming it (a weightslab
+    error is raised as it is); ``undo`` learns each object before it is touched, so that the caller
+    can put back those the restore reached."""
     report = RestoreReport()
+    try:
+        _restore(ledger, tree, tensors, excluded, report, undo if undo is not None else Undo.nothing())
+    except WeightslabError:
+        raise
+    except Exception as exc:
+        raise StateError(f"restoring {report.current} failed: {type(exc).__name__}: {exc}") from exc
+    return report
+
+
+def _restore(ledger: Ledger, tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], excluded: frozenset[str],
+             report: RestoreReport, undo: Undo) -> None:
+    def reach(kind: str, name: str) -> None:
+        report.current = f"{kind} {name!r}" if name else kind
+        undo.reach(kind, name)
 
     def dec(node: Any) -> Any:
         return codec.decode(node, tensors)
@@ -220,6 +245,7 @@ def restore(ledger: Ledger, tree: Mapping[str, Any], tensors: Mapping[str, torch
         return [(n, live[n], saved[n]) for n in live if n in saved]
 
     for name, entry, saved in pair("models", "model"):
+        reach("model", name)
         model = entry.obj
         model.load_state_dict(dec(saved["state_dict"]), strict=True)
         frozen = set(saved.get("frozen", []))
@@ -231,9 +257,11 @@ def restore(ledger: Ledger, tree: Mapping[str, Any], tensors: Mapping[str, torch
         report.restored.append(f"model {name!r}")
     for section, kind in (("optimizers", "optimizer"), ("schedulers", "scheduler"), ("scalers", "scaler")):
         for name, entry, saved in pair(section, kind):
+            reach(kind, name)
             entry.obj.load_state_dict(dec(saved))
             report.restored.append(f"{kind} {name!r}")
     for name, entry, saved in pair("hyperparams", "hyperparams"):
+        reach("hyperparams", name)
         values, kept = keep_excluded(dec(saved), _hp.to_plain(entry.obj, where=f"hyperparameters {name!r}"), excluded)
         _hp.restore_in_place(entry.obj, values, name=name)
         report.restored.append(f"hyperparameters {name!r}")
@@ -241,15 +269,120 @@ def restore(ledger: Ledger, tree: Mapping[str, Any], tensors: Mapping[str, torch
     for name, entry, saved in pair("dataloaders", "dataloader"):
         if saved is None:
             continue
+        reach("dataloader", name)
         if data.restore_loader(entry.obj, dec(saved)):
             report.restored.append(f"dataloader {name!r}")
         else:
             log.warning("dataloader %r cannot take back its saved position (no load_state_dict()); it restarts "
                         "its epoch", name)
     for name, entry, saved in pair("custom", "state"):
+        reach("custom state", name)
         entry.setter(dec(saved))
         report.restored.append(f"custom state {name!r}")
     if "rng" in tree:
+        reach("random generators", "")
         rng.restore(dec(tree["rng"]))
         report.restored.append("random generators")
-    return report
+    report.current = "nothing"
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a state value that no later change of the live object reaches: tensors copied (to
+    the CPU, so a GPU holds no second copy; a sharded tensor stays where its shards are)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True) if type(value) is torch.Tensor else value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_copy(v) for v in value)
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # noqa: BLE001 - an object that cannot be copied is put back as it is
+        return value
+
+
+class Undo:
+    """The registered objects as they were before a restore, and the ones the restore reached.
+
+    Made before the restore (it copies every registered object's state: the models' and optimizers'
+    tensors go to host memory); :func:`restore` tells it each object before touching it;
+    :meth:`put_back` gives those objects their earlier state again, the random generators last.
+    """
+
+    def __init__(self, ledger: Ledger | None):
+        self._put: dict[tuple[str, str], Callable[[], None]] = {}
+        self._unsaved: dict[tuple[str, str], str] = {}  # objects whose state could not be taken, and why
+        self.reached: list[tuple[str, str]] = []
+        if ledger is None:
+            return
+        for name, model in ledger.objects("model").items():
+            self._put[("model", name)] = self._model(model)
+        for kind in ("optimizer", "scheduler", "scaler"):
+            for name, obj in ledger.objects(kind).items():
+                self._put[(kind, name)] = self._loadable(obj)
+        for name, obj in ledger.objects("hyperparams").items():
+            values = copy.deepcopy(_hp.to_plain(obj, where=f"hyperparameters {name!r}"))
+            self._put[("hyperparams", name)] = lambda obj=obj, values=values, name=name: \
+                _hp.restore_in_place(obj, values, name=name)
+        for name, loader in ledger.objects("dataloader").items():
+            position = _copy(data.loader_state(loader))
+            self._put[("dataloader", name)] = lambda loader=loader, position=position: \
+                data.restore_loader(loader, position) if position is not None else None
+        for name, entry in ledger.entries("state").items():
+            try:
+                value = _copy(entry.obj())
+            except Exception as exc:  # noqa: BLE001 - said if it must be put back
+                self._unsaved[("custom state", name)] = f"its getter raised {type(exc).__name__}: {exc}"
+                continue
+            self._put[("custom state", name)] = lambda setter=entry.setter, value=value: setter(value)
+        generators = rng.capture()
+        self._put[("random generators", "")] = lambda: rng.restore(generators)
+
+    @classmethod
+    def nothing(cls) -> "Undo":
+        """An undo that keeps nothing (a restore nobody will take back)."""
+        return cls(None)
+
+    @staticmethod
+    def _model(model: Any) -> Callable[[], None]:
+        weights = {k: _copy(v) for k, v in model.state_dict().items()}
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        in_eval = {n for n, m in model.named_modules() if not m.training}
+
+        def put() -> None:
+            model.load_state_dict(weights, strict=True)
+            for pname, p in model.named_parameters():
+                p.requires_grad_(pname not in frozen)
+            for mname, m in model.named_modules():
+                m.training = mname not in in_eval
+        return put
+
+    @staticmethod
+    def _loadable(obj: Any) -> Callable[[], None]:
+        saved = _copy(obj.state_dict())
+        return lambda: obj.load_state_dict(saved)
+
+    def reach(self, kind: str, name: str) -> None:
+        """The restore is about to change this object."""
+        self.reached.append((kind, name))
+
+    @staticmethod
+    def name(key: tuple[str, str]) -> str:
+        return f"{key[0]} {key[1]!r}" if key[1] else key[0]
+
+    def put_back(self) -> dict[str, str]:
+        """Give every object the restore reached its earlier state (the random generators last);
+        returns the objects that could not be put back (by :meth:`name`), and why."""
+        problems = {}
+        for key in sorted(dict.fromkeys(self.reached), key=lambda k: k[0] == "random generators"):
+            put = self._put.get(key)
+            if put is None:
+                if key in self._unsaved:
+                    problems[self.name(key)] = self._unsaved[key]
+                continue
+            try:
+                put()
+            except Exception as exc:  # noqa: BLE001 - the caller says so, with its own error
+                problems[self.name(key)] = f"{type(exc).__name__}: {exc}"
+        self.reached.clear()
+        return problems

@@ -12,6 +12,7 @@ through one :class:`~weightslab.failures.Failures`. The map: guides/architecture
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -19,17 +20,17 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from . import codec
 from . import state as _state
 from .attachments import Attachments
 from .binding import OptimizerBinding
-from .clock import Deferred, StepClock, check_metrics, check_step
+from .clock import Deferred, StepClock, check_change_kind, check_metrics, check_step
 from .config import CheckpointConfig, make_config
 from .configfile import ConfigFile, apply_edits, fork_edits
 from .distributed.job import Job
-from .errors import CheckpointNotFoundError, ConfigError, InvalidStepError
+from .errors import CheckpointNotFoundError, ConfigError
 from .failures import Failures
 from .ledger import LEDGER, Ledger
 from .lineage import Lineage
@@ -100,11 +101,11 @@ class AutomaticCheckpointSystem:
                             retention=config.retention, clock=clock)
         self._lineage = Lineage(ledger, self.manager, self._failures, exclude_keys=config.exclude_keys,
                                 resume_mode=config.resume, file_record=self._saver.file_record,
-                                saved=self._saver.saved)
+                                saved=self._saver.saved, enter=self._saver.enter, leave=self._saver.leave)
         self._restorer = Restorer(ledger, self.manager, self._job, self._failures, rank_state=config.rank_state,
                                   excluded_keys=self._lineage.hasher.excluded_keys)
         self._clock = StepClock(hooks=config.hook_optimizer, lock=self._lock, on_boundary=self._implicit_boundary,
-                                on_forward=self._forward, on_step=self._saver.settle)
+                                on_forward=self._forward, on_step=self._saver.before_step)
         self._watch = ConfigWatch(mode=config.watch_files)
         self._policy = SavePolicy(every_steps=config.checkpoint_frequency, every_seconds=config.every_seconds)
         self._binding = OptimizerBinding(config.optimizer_keys)
@@ -198,10 +199,7 @@ class AutomaticCheckpointSystem:
 
     def checkpoint_on_state_change(self, kind: str = "state") -> bool:
         """Checkpoint now because the model state changed (``'freeze'``, ``'reset'``, ``'eval'``, ...)."""
-        if not isinstance(kind, str) or not kind:
-            raise InvalidStepError(f"checkpoint_on_state_change(kind) needs a short name of the change such as "
-                                   f"'freeze' or 'reset', got {kind!r}")
-        return self._forced("state_change", {"kind": kind, "forced": True})
+        return self._forced("state_change", {"kind": check_change_kind(kind), "forced": True})
 
     def _forced(self, event: str, change: dict[str, Any]) -> bool:
         with self._lock:
@@ -426,8 +424,8 @@ class AutomaticCheckpointSystem:
             if resolved is None:
                 self._lineage.start_fresh(str(self.root))
                 return 0
-            self._restore(resolved, rank_state=rank_state)
-            lines = self._lineage.continue_from(resolved.manifest, resolved.record)
+            with self._restore(resolved, rank_state=rank_state):
+                lines = self._lineage.continue_from(resolved.manifest, resolved.record)
             if lines is not None:
                 self._save(resolved.step, ("resume_with_changes",), [{"kind": "resume_with_changes", "diff": lines}],
                            None)
@@ -459,12 +457,12 @@ class AutomaticCheckpointSystem:
             manifest, step = resolved.manifest, resolved.step
             edits = fork_edits(codec.decode(manifest.state.get("hyperparams", {}), {}),  # checked before any change
                                self.ledger.objects("hyperparams"), overrides, where=manifest.ref)
-            self._restore(resolved)
-            lines = apply_edits(edits, self.ledger.objects("hyperparams"))
-            self._apply_bindings(step)
-            # One branch (it enters the hash) for every rank: rank 0's.
-            branch = self._job.share((name or f"fork-{uuid.uuid4().hex[:12]}").encode()).decode()
-            exp = self._lineage.fork(manifest, branch=branch, lines=lines)
+            with self._restore(resolved):
+                lines = apply_edits(edits, self.ledger.objects("hyperparams"))
+                self._apply_bindings(step)
+                # One branch (it enters the hash) for every rank: rank 0's.
+                branch = self._job.share((name or f"fork-{uuid.uuid4().hex[:12]}").encode()).decode()
+                exp = self._lineage.fork(manifest, branch=branch, lines=lines)
             if name is not None and self._job.writes:
                 self.manager.name_experiment(exp, name)
                 self._saver.push_names()
@@ -474,16 +472,20 @@ class AutomaticCheckpointSystem:
             self._restorer.warn_if_not_reproducible()
             return step
 
-    def _restore(self, resolved: Resolved, *, rank_state: str | None = None) -> None:
-        """Put ``resolved`` into the registered objects: the clock, the saver and the optimizer
-        binding continue from its step (the lineage is the caller's: a resume and a fork differ)."""
-        tensors = self._restorer.restore(resolved, rank_state=rank_state)
-        self._saver.learn_restored(resolved.manifest, tensors)
-        self._saver.mark_saved(resolved.manifest.experiment, resolved.step)
+    @contextlib.contextmanager
+    def _restore(self, resolved: Resolved, *, rank_state: str | None = None) -> Iterator[None]:
+        """Put ``resolved`` into the registered objects and run the block (the lineage: a resume and a
+        fork differ); if it raises, they are put back as they were. Then the clock, the saver and the
+        optimizer binding continue from its step."""
+        def baseline() -> None:
+            self._binding.baseline(self.ledger.objects("hyperparams"), self.ledger.objects("optimizer"))
+        restored = self._restorer.restore(resolved, rank_state=rank_state)
+        baseline()
+        with restored.taken_back_on_error(then=baseline):
+            yield
+        self._saver.learn_restored(resolved.manifest, restored.tensors)
         self._clock.restart(resolved.step)
-        self._start_step = resolved.step
-        self._binding.baseline(self.ledger.objects("hyperparams"), self.ledger.objects("optimizer"))
-        self._binding_seen = True
+        self._start_step, self._binding_seen = resolved.step, True
 
     def name_experiment(self, name: str, *, replace: bool = False) -> str:
         """Give the current experiment a human name, usable in refs (``name@latest``); returns its hash."""
