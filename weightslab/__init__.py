@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import (ArchitectureMismatchError, CheckpointNotFoundError, CheckpointSaveError, ConfigError,
-                     CorruptCheckpointError, FormatVersionError, HyperparamsError, InvalidMetricsError,
-                     InvalidStepError, NotRegisteredError, RankStateError, RegistrationError, StateError,
-                     WeightslabError)
+                     CorruptCheckpointError, ExperimentInUseError, FormatVersionError, HyperparamsError,
+                     InvalidMetricsError, InvalidStepError, NotRegisteredError, RankStateError, RegistrationError,
+                     StateError, WeightslabError)
 
 # The rest is imported on first use: the command line (weightslab ls) reads a root without
 # importing torch, which costs more than a listing of 10,000 checkpoints. (The first registration
@@ -96,5 +96,5 @@ __all__ = [
     "WeightslabError", "NotRegisteredError", "RegistrationError", "HyperparamsError", "ConfigError",
     "InvalidStepError", "InvalidMetricsError", "StateError", "CheckpointNotFoundError",
     "CorruptCheckpointError", "FormatVersionError", "ArchitectureMismatchError", "CheckpointSaveError",
-    "RankStateError",
+    "ExperimentInUseError", "RankStateError",
 ]

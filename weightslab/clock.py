@@ -30,15 +30,13 @@ import torch
 
 from . import codec
 from .errors import InvalidMetricsError, InvalidStepError
+from .storage.identifiers import MAX_STEP  # what the catalog of checkpoints stores (SQLite INTEGER)
 from .ledger import Entry
 
 __all__ = ["StepClock", "Deferred", "Boundary", "MAX_STEP", "check_step", "check_metrics", "check_change_kind"]
 
 log = logging.getLogger(__name__)
 
-#: The largest step a checkpoint can be labelled with: the catalog stores steps as SQLite INTEGERs
-#: (signed 64-bit).
-MAX_STEP = 2**63 - 1  # the same bound as the storage layer's MAX_STEP
 
 
 def check_step(step: Any) -> int:

@@ -9,7 +9,7 @@ fix it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = [
     "WeightslabError",
@@ -26,6 +26,7 @@ __all__ = [
     "FormatVersionError",
     "ArchitectureMismatchError",
     "CheckpointSaveError",
+    "ExperimentInUseError",
     "RankStateError",
 ]
 
@@ -93,6 +94,19 @@ class ArchitectureMismatchError(WeightslabError, ValueError):
     def __init__(self, message: str, *, differences: Sequence[str] = ()):
         super().__init__(message)
         self.differences = list(differences)
+
+
+class ExperimentInUseError(WeightslabError, RuntimeError):
+    """Another live process writes the experiment this run would write into; ``holder`` says who
+    (pid, host, run, since: a :class:`weightslab.storage.claim.Holder`) when its lock file tells."""
+
+    def __init__(self, message: str, *, experiment: str, holder: Any = None):
+        super().__init__(message)
+        self.experiment = experiment
+        self.holder = holder
+        #: found at the start of a run (a resume, a fork, the first step boundary), which it stops;
+        #: later, training goes on and only the saves into that experiment fail
+        self.at_start = False
 
 
 class CheckpointSaveError(WeightslabError, RuntimeError):

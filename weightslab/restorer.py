@@ -198,6 +198,7 @@ class Restorer:
                     prepare(resolved)
                     prepare = None
                 manifest = resolved.manifest
+                self._manager.check_stored(manifest)  # a damaged checkpoint falls back, whatever shapes it claims
                 _state.check_compatible(self._ledger, manifest.state, tensor_meta(manifest))
                 resolved.tensors = load_tensors(self._manager, manifest)  # (fetches a remote root's packs)
                 resolved.shards = self._manager.shards(manifest)

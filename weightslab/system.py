@@ -106,7 +106,7 @@ class AutomaticCheckpointSystem:
                                   excluded_keys=self._lineage.hasher.excluded_keys)
         self._clock = StepClock(hooks=config.hook_optimizer, lock=self._lock, on_boundary=self._implicit_boundary,
                                 on_forward=self._forward, on_step=self._saver.before_step)
-        self._watch = ConfigWatch(mode=config.watch_files)
+        self._watch = ConfigWatch(mode=config.watch_files, optimizer_keys=config.optimizer_keys)
         self._policy = SavePolicy(every_steps=config.checkpoint_frequency, every_seconds=config.every_seconds)
         self._binding = OptimizerBinding(config.optimizer_keys)
         self._binding_seen = False  # the optimizer binding has taken its baseline

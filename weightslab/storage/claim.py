@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import WeightslabError
+from ..errors import ExperimentInUseError
 from .layout import Layout
 
 try:
@@ -62,18 +62,6 @@ def _forget_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
-
-
-class ExperimentInUseError(WeightslabError, RuntimeError):
-    """Another live process writes the experiment this run would write into."""
-
-    def __init__(self, message: str, *, experiment: str, holder: "Holder | None" = None):
-        super().__init__(message)
-        self.experiment = experiment
-        self.holder = holder
-        #: found at the start of a run (a resume, a fork, the first step boundary), which it stops;
-        #: later, training goes on and only the saves into that experiment fail
-        self.at_start = False
 
 
 @dataclass(frozen=True)
