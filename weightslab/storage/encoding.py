@@ -250,20 +250,28 @@ def _unshuffle(shuffled: np.ndarray, itemsize: int, dest: np.ndarray, base: Opti
         dest[whole:] = tail if base is None else np.bitwise_xor(tail, base[whole:])
 
 
-def _decompress_into(stored: memoryview, target: np.ndarray, raw_nbytes: int) -> None:
-    """Decompress the single zstd frame ``stored`` into ``target`` (``raw_nbytes`` bytes), checked."""
+def _frame_header_size(head: bytes | memoryview, raw_nbytes: int) -> int:
+    """The size of the zstd frame header at the start of ``head``, once it is known to record
+    ``raw_nbytes`` as the frame's content size (weightslab always writes it); ValueError otherwise."""
     zstd = zstandard_module()
-    # Check the header before decompressing: a wrong size in it should be reported as such, not
-    # as whatever the decompressor makes of it.
     try:
-        content_size = zstd.get_frame_parameters(stored).content_size
-        header_size = zstd.frame_header_size(stored)
+        content_size = zstd.get_frame_parameters(head).content_size
+        header_size = zstd.frame_header_size(head)
     except zstd.ZstdError as exc:
         raise _damaged(f"its zstd frame header is unreadable ({exc})") from None
     if content_size == zstd.CONTENTSIZE_UNKNOWN:
         raise _damaged("its zstd frame header does not record the content size, which weightslab always writes")
     if content_size != raw_nbytes:
         raise _damaged(f"its zstd frame holds {content_size} bytes where {raw_nbytes} were expected")
+    return header_size
+
+
+def _decompress_into(stored: memoryview, target: np.ndarray, raw_nbytes: int) -> None:
+    """Decompress the single zstd frame ``stored`` into ``target`` (``raw_nbytes`` bytes), checked."""
+    zstd = zstandard_module()
+    # Check the header before decompressing: a wrong size in it should be reported as such, not
+    # as whatever the decompressor makes of it.
+    header_size = _frame_header_size(stored, raw_nbytes)
     # The stream reader accepts a frame cut short before its checksum, and ignores bytes after the
     # frame: check the frame spans the blob exactly before trusting it.
     frame_size = _frame_size(stored, header_size)
@@ -303,17 +311,7 @@ def check_frame(read: Callable[[int, int], bytes], nbytes: int, raw_nbytes: int)
     bytes there): the frame header, then one 3-byte header per block until the blocks could hold
     ``raw_nbytes``. A record or a frame header that lies about the size raises ValueError (damaged).
     """
-    zstd = zstandard_module()
-    head = read(0, min(nbytes, _FRAME_HEADER_MAX))
-    try:
-        content_size = zstd.get_frame_parameters(head).content_size
-        header_size = zstd.frame_header_size(head)
-    except zstd.ZstdError as exc:
-        raise _damaged(f"its zstd frame header is unreadable ({exc})") from None
-    if content_size == zstd.CONTENTSIZE_UNKNOWN:
-        raise _damaged("its zstd frame header does not record the content size, which weightslab always writes")
-    if content_size != raw_nbytes:
-        raise _damaged(f"its zstd frame holds {content_size} bytes where {raw_nbytes} were expected")
+    header_size = _frame_header_size(read(0, min(nbytes, _FRAME_HEADER_MAX)), raw_nbytes)
     position, capacity = header_size, 0
     while capacity < raw_nbytes:
         if position + 3 > nbytes:
