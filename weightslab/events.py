@@ -363,25 +363,24 @@ class Events:
         try:
             fn(payload)
         except catch as exc:  # noqa: BLE001 - a callback never stops training; it is reported
-            self._failed(event, fn, exc, "raised", payload, kept)
+            self._failed(event, fn, f"raised {type(exc).__name__}: {exc}", exc, payload, kept)
             return
         if kept is not None:  # what this callback added is plain JSON, or it is taken back
             try:
                 checked = check_metadata(payload.metadata)
             except Exception as exc:  # noqa: BLE001 - (a mapping whose items() raises, too)
-                self._failed(event, fn, exc, "added metadata that is not plain JSON", payload, kept)
+                self._failed(event, fn, f"added metadata that is not plain JSON: {exc}", exc, payload, kept)
                 return
             payload.metadata.clear()
             payload.metadata.update(checked)
 
-    def _failed(self, event: str, fn: Callable[[Any], Any], exc: BaseException, what: str, payload: Any,
+    def _failed(self, event: str, fn: Callable[[Any], Any], what: str, exc: BaseException, payload: Any,
                 kept: dict[str, Any] | None) -> None:
         if kept is not None:
             payload.metadata.clear()
             payload.metadata.update(kept)
         name = callback_name(fn)
-        error = CallbackError(f"the {event!r} callback {name} {what}: {type(exc).__name__}: {exc}", event=event,
-                              callback=name, error=exc)
+        error = CallbackError(f"the {event!r} callback {name} {what}", event=event, callback=name, error=exc)
         error.__cause__ = exc
         self._failures.callback_failed(error)
 
