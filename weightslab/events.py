@@ -36,7 +36,8 @@ Callbacks of one event run by ``priority``, highest first, then in the order the
 A callback that raises is logged with its qualified name and the event, and kept
 (:class:`~weightslab.failures.Failures`); the other callbacks and training go on. Under
 ``strict=True``, ``wait()`` / ``close()`` then raise :class:`CallbackError`. A callback must not call
-the system's triggers (``checkpoint_on_step``, ``resume``) nor ``wait()`` from within.
+the system's triggers (``checkpoint_on_step``, ``resume``, ``fork``); ``wait()`` called from a
+``weightslab-events`` callback does not wait for the events thread (it would wait for itself).
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ class Events:
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._queue: collections.deque[tuple[str, Any]] = collections.deque()
-        self._running: str | None = None  # "<callback> for '<event>'" while one runs on the thread
+        self._running: str | None = None  # what runs on the thread now (named if close() gives up on it)
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -392,6 +393,8 @@ class Events:
             return False
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            if self._closed:  # (a callback close() gave up on is not waited for again)
+                return not self._queue and self._running is None
             while self._queue or self._running is not None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -402,8 +405,13 @@ class Events:
     def close(self) -> None:
         """Wait (at most ``timeout`` seconds) for the events dispatched so far, then stop the
         thread. A callback still running then is left to itself, with a warning naming it, and the
-        events still queued are not delivered. Idempotent."""
-        done = self.wait(self.timeout)
+        events still queued are not delivered. Idempotent; from a callback, the thread stops once
+        the queued events are delivered."""
+        with self._cond:
+            if self._closed:
+                return
+        on_thread = threading.current_thread() is self._thread
+        done = on_thread or self.wait(self.timeout)
         with self._cond:
             self._closed = True
             if not done:
@@ -413,5 +421,5 @@ class Events:
                 self._queue.clear()
             self._cond.notify_all()
             thread = self._thread
-        if done and thread is not None and thread is not threading.current_thread():
+        if done and thread is not None and not on_thread:
             thread.join()
