@@ -39,7 +39,7 @@ LAYERS: dict[str, list[str]] = {
     "training": ["hyperparams", "configfile", "codec", "rng", "data", "fingerprint", "change", "binding", "surgery",
                  "tensors", "snapshot", "state", "preemption", "distributed", "distributed.world",
                  "distributed.sharded"],
-    "orchestration": ["config", "failures", "provenance", "clock", "lineage", "watch", "attachments",
+    "orchestration": ["config", "events", "failures", "provenance", "clock", "lineage", "watch", "attachments",
                       "distributed.job", "saver",
                       "restorer", "system"],
     "surface": ["process", "registration", "maintenance", "portable", "components", "cli", "cli.commands",

@@ -40,7 +40,8 @@ _LAZY = {
     **dict.fromkeys(("KeepBest", "KeepChanges", "KeepEvery", "KeepLast", "Retention"), "retention"),
     "AutomaticCheckpointSystem": "system", "CheckpointConfig": "config", "CheckpointInfo": "restorer",
     **dict.fromkeys(("checkpoint_on_config_change", "checkpoint_on_model_change", "checkpoint_on_state_change",
-                     "checkpoint_on_step", "fork", "get_checkpoint_system"), "process"),
+                     "checkpoint_on_step", "fork", "get_checkpoint_system", "on", "off"), "process"),
+    "CallbackError": "events",
 }
 
 
@@ -67,8 +68,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .fingerprint import ExperimentHashGenerator
     from .config import CheckpointConfig
+    from .events import CallbackError
     from .process import (checkpoint_on_config_change, checkpoint_on_model_change, checkpoint_on_state_change,
-                          checkpoint_on_step, fork, get_checkpoint_system)
+                          checkpoint_on_step, fork, get_checkpoint_system, off, on)
     from .registration import (get_dataloader, get_hyperparams, get_model, get_optimizer, get_scaler, get_scheduler,
                                get_state, list_registered, register_dataloader, register_hyperparams, register_model,
                                register_optimizer, register_scaler, register_scheduler, register_state, unregister)
@@ -90,6 +92,8 @@ __all__ = [
     "get_checkpoint_system", "checkpoint_on_step", "checkpoint_on_model_change", "checkpoint_on_config_change",
     "checkpoint_on_state_change", "fork", "AutomaticCheckpointSystem", "CheckpointConfig", "CheckpointInfo",
     "CheckpointManager", "ExperimentHashGenerator",
+    # events of the checkpoint system (weightslab.events)
+    "on", "off", "CallbackError",
     # looking after a root
     "verify", "prune", "gc", "export", "load", "name_experiment", "VerifyReport", "Retention", "KeepLast", "KeepEvery", "KeepBest", "KeepChanges",
     # errors

@@ -107,6 +107,10 @@ class CheckpointConfig:
     #: random generators or custom state differ: ``"exact"`` refuses, naming them; ``"rank0"``
     #: gives every rank rank 0's (loader positions are resharded either way).
     rank_state: str = "exact"
+    #: How long ``close()`` (and a stop after a preemption signal) waits for event callbacks still
+    #: queued or running on the ``weightslab-events`` thread (an upload of the last checkpoint, say);
+    #: then it warns, naming the callback, and goes on without them. ``wait()`` waits for them all.
+    callback_timeout: float = 120.0
 
     @property
     def best_metric(self) -> tuple[str, str] | None:
@@ -155,6 +159,9 @@ class CheckpointConfig:
         if isinstance(self.preempt_timeout, bool) or not isinstance(self.preempt_timeout, (int, float)) \
                 or self.preempt_timeout < 0:
             raise ConfigError(f"preempt_timeout must be a number of seconds >= 0, got {self.preempt_timeout!r}")
+        if isinstance(self.callback_timeout, bool) or not isinstance(self.callback_timeout, (int, float)) \
+                or not self.callback_timeout >= 0:
+            raise ConfigError(f"callback_timeout must be a number of seconds >= 0, got {self.callback_timeout!r}")
         if self.resume not in (None, "auto", "never"):
             raise ConfigError(f"resume must be 'auto', 'never' or None (resume when system.resume() is called), "
                               f"got {self.resume!r}")

@@ -5,14 +5,21 @@ Every part of the checkpoint system reports through one :class:`Failures`: a fai
 warning and kept (with the background writer's own failures) until :meth:`Failures.raise_kept`, which
 ``wait()`` and ``close()`` call; under ``strict=True`` it is raised at once instead. Warnings that
 would repeat at every step are said once per key.
+
+A user's event callback that raised (:mod:`weightslab.events`) is logged with its name and event and
+kept too, but never stops anything: it is raised from ``wait()`` / ``close()`` only under
+``strict=True`` (as a :class:`~weightslab.events.CallbackError`).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 from typing import Any
 
 from .errors import CheckpointSaveError, WeightslabError
+from .events import CallbackError
 from .storage.claim import ExperimentInUseError
 from .writer import Writer
 
@@ -28,6 +35,9 @@ class Failures:
         self._writer = writer
         self.strict = strict
         self._warned: set[str] = set()
+        self._lock = threading.Lock()
+        # callbacks' failures: every one under strict (raised, then forgotten), else the latest
+        self._callbacks: collections.deque[CallbackError] = collections.deque(maxlen=None if strict else 100)
 
     def fail(self, what: str, exc: BaseException, *, once: str | None = None) -> None:
         """``what`` failed with ``exc``: raised under ``strict``, else logged and kept. With ``once``,
@@ -51,6 +61,19 @@ class Failures:
         """Keep a failure that was logged already (raised from the next ``wait()`` / ``close()``)."""
         self._writer.keep(exc)
 
+    def callback_failed(self, error: CallbackError) -> None:
+        """An event callback raised (from any thread): logged with the traceback, kept."""
+        log.warning("%s (training goes on%s)", error, "; raised from wait() or close()" if self.strict else "",
+                    exc_info=(type(error.error), error.error, error.error.__traceback__))
+        with self._lock:
+            self._callbacks.append(error)
+
+    @property
+    def callback_errors(self) -> tuple[CallbackError, ...]:
+        """What event callbacks raised and is kept (without strict: the latest 100)."""
+        with self._lock:
+            return tuple(self._callbacks)
+
     def warn_once(self, key: str, message: str, *args: Any) -> None:
         """A warning that is said the first time ``key`` comes up, and never again."""
         if key not in self._warned:
@@ -58,10 +81,20 @@ class Failures:
             log.warning(message, *args)
 
     def raise_kept(self) -> None:
-        """Raise :class:`CheckpointSaveError` with every failure kept since the last call, if any."""
+        """Raise :class:`CheckpointSaveError` with every failure kept since the last call, if any (and,
+        under ``strict``, the callbacks' failures: alone, a :class:`CallbackError`)."""
         errors = self._writer.take_errors()
+        callbacks: list[CallbackError] = []
+        if self.strict:
+            with self._lock:
+                callbacks, self._callbacks = list(self._callbacks), collections.deque()
+        if callbacks and not errors:
+            raise CallbackError.of(callbacks) from callbacks[0].error
+        saves = len(errors)
+        errors += callbacks
         if errors:
             detail = "; ".join(f"{type(e).__name__}: {e}" for e in errors[:5])
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-            raise CheckpointSaveError(f"{len(errors)} checkpoint save(s) failed: {detail}{more}",
+            also = f" and {len(callbacks)} event callback(s) raised" if callbacks else ""
+            raise CheckpointSaveError(f"{saves} checkpoint save(s) failed{also}: {detail}{more}",
                                       errors=errors) from errors[0]

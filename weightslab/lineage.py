@@ -18,6 +18,9 @@ experiment that holds an earlier run's checkpoints, or a run resumed from a chec
 its experiment's newest, continues in a *branch* of that experiment (``restart-<n>`` /
 ``rewind-<n>`` added to the hash like a fork's name; the parent names where it came from), with a
 log line that says so.
+
+Each experiment the run enters that has no record yet is announced to the ``experiment_opened``
+callbacks (:mod:`weightslab.events`) once, on the training thread, with its parent and why.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, Callable
 from . import hyperparams as _hp
 from .change import ChangeDetector, StateChange
 from .errors import CorruptCheckpointError, HyperparamsError, WeightslabError
+from .events import Events, ExperimentOpened
 from .failures import Failures
 from .fingerprint import ExperimentHashGenerator, Fingerprint, architecture_text, diff_architecture, diff_hyperparams
 from .ledger import Ledger
@@ -64,13 +68,15 @@ class Lineage:
     :class:`~weightslab.storage.claim.ExperimentInUseError`), ``leave(hash)`` lets it go.
     """
 
-    def __init__(self, ledger: Ledger, manager: CheckpointManager, failures: Failures, *,
+    def __init__(self, ledger: Ledger, manager: CheckpointManager, failures: Failures, events: Events, *,
                  exclude_keys: tuple[str, ...], resume_mode: str | None,
                  file_record: Callable[[ExperimentRecord], None], saved: Callable[[str, int], bool],
                  enter: Callable[[str], None], leave: Callable[[str], None]):
         self._ledger = ledger
         self._manager = manager
         self._failures = failures
+        self._events = events
+        self._announced: set[str] = set()  # experiments whose opening the callbacks were told of
         self._resume_mode = resume_mode
         self._file_record = file_record
         self._saved = saved
@@ -276,6 +282,7 @@ class Lineage:
                                          exc)
             if record is not None and parent is not None:
                 log.info("returning to existing experiment %s", fp.hash)
+        opened = record is None and fp.hash not in self._announced  # (its record may not be written yet)
         if record is None:
             record = ExperimentRecord.open(
                 fp, created=now()[0], excluded_keys=self.hasher.excluded_keys, parent=parent, versions=versions(),
@@ -285,6 +292,13 @@ class Lineage:
         self.branch, self.record, self._fingerprint = branch, record, fp
         if previous is not None and previous != fp.hash:
             self._leave(previous)
+        self._announced.add(fp.hash)
+        if opened:
+            parent = record.parent
+            self._events.emit("experiment_opened", ExperimentOpened(
+                event="experiment_opened", experiment=fp.hash, parent=parent.ref if parent else None,
+                reason=parent.reason if parent else None, differences=tuple(parent.changes) if parent else (),
+                branch=branch))
 
     def start_fresh(self, root: str) -> None:
         """Nothing to resume in this run's lineage. If the root holds a run of the same architecture

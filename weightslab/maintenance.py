@@ -7,6 +7,10 @@ need the model's code::
     wl.prune(keep_last=5, keep_best=1, metric="val_loss")
     wl.gc()                                       # reclaim what the pruned checkpoints held
     wl.name_experiment("baseline", "3fa2c1@latest")  # then "baseline@best:loss" works as a ref
+
+While a checkpoint system runs, ``verify`` and ``prune`` are events of it (:mod:`weightslab.events`):
+``verified`` callbacks run when a verification ends, on the caller's thread; ``pruned`` callbacks on
+the events thread, with the refs deleted.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 from typing import Callable, Iterable
 
 from .errors import ConfigError
+from .events import Pruned, Verified
 from .process import manager_for, running_system
 from .retention import Retention, RetentionPlan
 from .storage import garbage
@@ -33,7 +38,13 @@ def verify(ref: str | os.PathLike[str] | None = None, *, root: str | os.PathLike
     Returns a :class:`~weightslab.storage.manager.VerifyReport`; ``report.ok`` is False and
     ``report.damaged`` names each bad checkpoint and file when something does not verify.
     """
-    return manager_for(root).verify(ref, progress=progress)
+    manager = manager_for(root)
+    report = manager.verify(ref, progress=progress)
+    running = running_system()
+    if running is not None:
+        running.events.emit("verified", Verified(event="verified", root=manager.root,
+                                                 ref=None if ref is None else str(ref), report=report))
+    return report
 
 
 def prune(*, keep_last: int | None = None, keep_every: int | None = None, keep_best: int | None = None,
@@ -50,7 +61,13 @@ def prune(*, keep_last: int | None = None, keep_every: int | None = None, keep_b
                                  metric=metric, mode=mode, keep_changes=keep_changes)
     elif any(v is not None for v in (keep_last, keep_every, keep_best, metric)) or keep_changes:
         raise ValueError("pass either retention= or the keep_* arguments, not both")
-    return manager_for(root).apply_retention(retention, experiments=experiments, dry_run=dry_run)
+    manager = manager_for(root)
+    plan = manager.apply_retention(retention, experiments=experiments, dry_run=dry_run)
+    running = running_system()
+    event = None if dry_run else Pruned.of(plan.delete, layout=manager.layout, root=manager.root)
+    if running is not None and event is not None:
+        running.events.dispatch("pruned", event)
+    return plan
 
 
 def gc(*, root: str | os.PathLike[str] | None = None, grace_seconds: float = 300.0, repack_below: float = 0.5,

@@ -3,7 +3,8 @@
 One training process has one checkpoint system. :func:`get_checkpoint_system` creates it (or returns
 the running one); the first ``wl.register_*`` starts one with default settings if none runs
 (:func:`ensure_running`), and a later :func:`get_checkpoint_system` with other settings replaces it
-as long as it has saved nothing. ``wl.checkpoint_on_step`` and the other triggers act on it.
+as long as it has saved nothing (the callbacks subscribed with ``wl.on`` move to the new one).
+``wl.checkpoint_on_step``, the other triggers and ``wl.on`` / ``wl.off`` act on it.
 
 :func:`manager_for` gives the Python root operations (``wl.verify``, ``wl.load``, ...) the manager of
 a root: the running system's own when it is the same root (sharing its caches, and seeing what a
@@ -17,17 +18,19 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .config import CheckpointConfig, make_config
 from .errors import ConfigError
+from .events import check_event
 from .storage.manager import CheckpointManager
 from .storage.remote import is_remote
 from .storage.root import Root, default_location
 from .system import AutomaticCheckpointSystem
 
 __all__ = ["get_checkpoint_system", "running_system", "ensure_running", "manager_for", "checkpoint_on_step",
-           "checkpoint_on_model_change", "checkpoint_on_config_change", "checkpoint_on_state_change", "fork"]
+           "checkpoint_on_model_change", "checkpoint_on_config_change", "checkpoint_on_state_change", "fork",
+           "on", "off"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ def get_checkpoint_system(**settings: Any) -> AutomaticCheckpointSystem:
         log.info("reconfiguring the checkpoint system (%s)", differences)
         current._close(crashed=True)  # nothing saved yet: no final checkpoint to take
         _SYSTEM = AutomaticCheckpointSystem(wanted)
+        _SYSTEM.events.adopt(current.events)  # (wl.on may have come first, and started the system)
         return _SYSTEM
 
 
@@ -128,3 +132,23 @@ def checkpoint_on_config_change() -> bool:
 def checkpoint_on_state_change(kind: str = "state") -> bool:
     """Checkpoint now because the model state changed (``'freeze'``, ``'reset'``, ...)."""
     return get_checkpoint_system().checkpoint_on_state_change(kind)
+
+
+def on(event: str, fn: Callable[[Any], Any] | None = None, *, priority: int = 0) -> Any:
+    """Subscribe ``fn`` to ``event`` of the process-wide system; returns ``fn``, or a decorator without it
+    (see :mod:`weightslab.events`)::
+
+        @wl.on("saved")
+        def upload(event):            # on the weightslab-events thread, once the checkpoint is durable
+            bucket.upload(event.path)
+    """
+    return get_checkpoint_system().on(event, fn, priority=priority)
+
+
+def off(event: str, fn: Callable[[Any], Any]) -> bool:
+    """Unsubscribe ``fn`` from ``event`` of the process-wide system; False if it was not subscribed."""
+    system = running_system()
+    if system is None:
+        check_event(event)
+        return False
+    return system.off(event, fn)

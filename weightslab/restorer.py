@@ -11,7 +11,8 @@ record checked (:func:`weightslab.lineage.check_record`). What no check can fore
 ``register_state`` setter that raises, or the lineage refusing afterwards: another live process
 writes the experiment) is undone: :meth:`Restorer.restore` takes the objects' state first
 (:class:`weightslab.state.Undo`) and puts back those it reached, and the :class:`Restored` it
-returns can be taken back until the resume has finished.
+returns can be taken back until the resume has finished. Around it, the ``before_load`` and
+``loaded`` events (:mod:`weightslab.events`) run their callbacks on the training thread.
 
 In a distributed job every rank resolves the same ref against the same root (a shared filesystem or
 a remote URL); :meth:`~weightslab.distributed.job.Job.agree_on_checkpoint` makes sure they found the same
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -36,7 +37,9 @@ from .distributed import ranks as _ranks
 from .distributed import sharded as _sharded
 from .distributed.job import Job
 from .distributed.sharded import is_sharded
+from .configfile import Edit, fork_edits
 from .errors import ArchitectureMismatchError, ConfigError, CorruptCheckpointError, StateError, WeightslabError
+from .events import Events, Load
 from .failures import Failures
 from .ledger import Entry, Ledger
 from .lineage import check_record
@@ -67,6 +70,7 @@ class CheckpointInfo:
     parent: str | None  # the experiment's parent ref, if it was opened by a change
     architecture: list[Any]  # the experiment's structural description (see fingerprint)
     nbytes: int
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # what before_save callbacks added (weightslab.events)
 
 
 @dataclass
@@ -95,7 +99,14 @@ class Resolved:
             created=manifest.created, metrics=codec.decode(dict(manifest.metrics), {}),
             hyperparams=codec.decode(manifest.state.get("hyperparams", {}), {}), path=self.entry.path,
             parent=record.parent.ref if record and record.parent else None,
-            architecture=record.architecture if record else [], nbytes=manifest.total_bytes)
+            architecture=record.architecture if record else [], nbytes=manifest.total_bytes,
+            metadata=manifest.metadata)
+
+    def event(self, event: str, kind: str) -> Load:
+        """What the ``before_load`` / ``loaded`` callbacks of a resume or a fork (``kind``) receive."""
+        manifest = self.manifest
+        return Load(event=event, kind=kind, ref=manifest.ref, experiment=manifest.experiment, step=manifest.step,
+                    path=self.entry.path, metrics=codec.decode(dict(manifest.metrics), {}), metadata=manifest.metadata)
 
 
 @dataclass
@@ -129,9 +140,10 @@ class Restored:
 class Restorer:
     """Resolves refs against one root and restores checkpoints into the registered objects."""
 
-    def __init__(self, ledger: Ledger, manager: CheckpointManager, job: Job, failures: Failures, *,
+    def __init__(self, ledger: Ledger, manager: CheckpointManager, job: Job, failures: Failures, events: Events, *,
                  rank_state: str = "exact", excluded_keys: frozenset[str] = frozenset()):
         self._ledger = ledger
+        self._events = events
         self._excluded = excluded_keys  # hyperparameter keys a resume leaves as they are
         self._manager = manager
         self._job = job
@@ -159,22 +171,24 @@ class Restorer:
             check_record(record, self._manager.layout.experiment_record(manifest.experiment))
         return Resolved(entry, manifest, record)
 
-    def peek(self, ref: str | os.PathLike[str], current: Callable[[], str | None]) -> Resolved | None:
-        """The newest readable checkpoint ``ref`` means (its tensors not read); None if none."""
+    def peek(self, ref: str | os.PathLike[str], current: Callable[[], str | None]) -> CheckpointInfo | None:
+        """What the newest readable checkpoint ``ref`` means holds (its tensors not read); None if none."""
         entries, _ = self._candidates(ref, current)
         for entry in entries:
             try:
-                return self._read(entry)
+                return self._read(entry).info()
             except CorruptCheckpointError as exc:
                 log.warning("skipping damaged checkpoint %s: %s", entry.ref, exc)
         return None
 
     def load(self, ref: str | os.PathLike[str], current: Callable[[], str | None], *, fall_back: bool = True,
-             prepare: Callable[[Resolved], None] | None = None) -> Resolved | None:
+             model_factory: Callable[[CheckpointInfo], Any] | None = None) -> Resolved | None:
         """The checkpoint ``ref`` means, read, checked against the registered objects and loaded with
-        every byte verified; nothing registered changes (but what ``prepare`` registers: it is called
-        once, with the first checkpoint whose manifest reads, before the check). None when ``latest``
-        finds nothing. In a distributed job, every rank found the same checkpoint or all raise."""
+        every byte verified; nothing registered changes (but what ``model_factory`` builds: it is
+        called once, with the first checkpoint whose manifest reads, before the check, and what it
+        returns is registered). None when ``latest`` finds nothing. In a distributed job, every rank
+        found the same checkpoint or all raise."""
+        prepare = None if model_factory is None else (lambda resolved: self.register_built(model_factory, resolved))
         found, error = None, None
         try:
             found = self._load(ref, current, fall_back=fall_back, prepare=prepare)
@@ -217,10 +231,11 @@ class Restorer:
         raise CorruptCheckpointError("no checkpoint of %s verifies:\n  %s" % (ref, "\n  ".join(damaged)))
 
     # --- restoring -----------------------------------------------------------------------------
-    def restore(self, resolved: Resolved, *, rank_state: str | None = None) -> Restored:
-        """Put a loaded checkpoint into the registered objects (RNG last). If an object cannot take
-        its state back, those already restored are put back as they were and the error, naming the
-        object, is raised: nothing changed."""
+    def restore(self, resolved: Resolved, *, rank_state: str | None = None, kind: str = "resume") -> Restored:
+        """Put a loaded checkpoint into the registered objects (RNG last), after the ``before_load``
+        callbacks. If an object cannot take its state back, those already restored are put back as
+        they were and the error, naming the object, is raised: nothing changed."""
+        self._events.emit("before_load", resolved.event("before_load", kind))
         manifest = resolved.manifest
         assert resolved.tensors is not None, "load() the checkpoint before restoring it"
         digests = {key: entry.blob.digest for key, entry in manifest.tensors.items()}
@@ -309,6 +324,19 @@ class Restorer:
             f"the checkpoint's sharded tensor {key} {list(meta['shape'])} has no counterpart among the registered "
             "objects to load into; register the model and optimizer the checkpoint was saved from",
             differences=[key])
+
+    def loaded(self, resolved: Resolved, kind: str) -> None:
+        """The run goes on from ``resolved`` (a resume or a fork, ``kind``): the ``loaded`` callbacks, and
+        a word if the process cannot continue it bit for bit."""
+        self._events.emit("loaded", resolved.event("loaded", kind))
+        self.warn_if_not_reproducible()
+
+    def fork_edits(self, resolved: Resolved, overrides: Mapping[str, Any]) -> dict[str, Edit]:
+        """A fork's ``overrides`` as edits of the checkpoint's saved hyperparameters (checked: raises
+        before anything changes)."""
+        manifest = resolved.manifest
+        return fork_edits(codec.decode(manifest.state.get("hyperparams", {}), {}),
+                          self._ledger.objects("hyperparams"), overrides, where=manifest.ref)
 
     # --- building what a checkpoint needs ---------------------------------------------------------
     def register_built(self, model_factory: Callable[[CheckpointInfo], Any], resolved: Resolved) -> None:

@@ -10,6 +10,11 @@ tensors of a distributed job are awaited, the snapshot becomes blobs, the manage
 manifest (:mod:`weightslab.storage.manager`; a tensor whose digest the root holds costs no bytes),
 a remote root gets the upload, then retention runs.
 
+The save's events (:mod:`weightslab.events`): ``before_save`` runs here, on the training thread,
+before the capture (its callbacks' metadata goes into the manifest); ``saved`` once the commit is
+durable, ``save_failed`` and ``pruned`` are handed to the events thread, so that neither the
+training loop nor the writer waits for a callback.
+
 Nothing committed is replaced: a save whose experiment and step a checkpoint holds already (this
 run's, or an earlier run's) is not taken, with a warning. The one exception is a change forced at
 the step of this run's latest checkpoint with no optimizer step since (``checkpoint_on_state_change``
@@ -31,12 +36,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from . import codec
 from . import state as _state
 from .distributed import ranks as _ranks
 from .distributed import sharded as _sharded
 from .distributed.job import Job
 from .distributed.sharded import is_sharded
-from .errors import CheckpointSaveError
+from .errors import CheckpointSaveError, ConfigError
+from .events import BeforeSave, Events, Pruned, Saved, SaveFailed
 from .failures import Failures
 from .ledger import Ledger
 from .provenance import now, versions
@@ -46,6 +53,7 @@ from .storage.claim import Claims, ExperimentInUseError
 from .storage.experiment import ExperimentRecord
 from .storage.manager import CheckpointManager, SaveRequest
 from .storage.manifest import Manifest
+from .storage.names import check_new_name
 from .tensors import blob_of, dtype_tag
 from .writer import Writer
 
@@ -71,13 +79,14 @@ class Saver:
     run's start counts as a save.
     """
 
-    def __init__(self, ledger: Ledger, manager: CheckpointManager, job: Job, failures: Failures, writer: Writer, *,
-                 backpressure: str = "block", retention: Retention | None = None,
+    def __init__(self, ledger: Ledger, manager: CheckpointManager, job: Job, failures: Failures, writer: Writer,
+                 events: Events, *, backpressure: str = "block", retention: Retention | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self._ledger = ledger
         self._manager = manager
         self._job = job
         self._failures = failures
+        self._events = events
         self._writer = writer
         self._backpressure = backpressure
         self._retention = retention if retention is not None and not retention.keeps_everything else None
@@ -157,6 +166,7 @@ class Saver:
         skipping = self._backpressure == "skip" and not strict and "preempt" not in reasons
         if skipping and not job.distributed and not self._writer.has_room():
             return self._skip(ref)
+        metadata = self._before_save(experiment.hash, step, reasons, metrics) if writes else {}
         captured, payload, error = None, b"", None
         try:
             if writes:
@@ -175,7 +185,7 @@ class Saver:
                                         sharded=len(sharded),
                                         skip=refused or (writes and skipping and not self._writer.has_room()))
         except Exception as exc:
-            self._failures.fail(f"checkpoint {ref}", exc)
+            self._failed(ref, exc)
             return False
         if exchange.skip:
             return False if refused else self._skip(ref)
@@ -189,7 +199,7 @@ class Saver:
             try:
                 shards = _sharded.async_save(sharded, directory)
             except Exception as exc:
-                self._failures.fail(f"checkpoint {ref} (sharded tensors)", exc)
+                self._failed(ref, exc, what=" (sharded tensors)")
                 return False
             if not writes:
                 self._shard_saves.append((ref, shards))
@@ -210,12 +220,12 @@ class Saver:
                     del captured.tensors[key]
             snap = self.snapshotter.take(captured.tensors, later=captured.step_only if overlap else ())
         except Exception as exc:
-            self._failures.fail(f"checkpoint {ref}", exc)
+            self._failed(ref, exc)
             return False
         created, created_ns = now()
         request = dict(experiment=experiment, step=step, reasons=reasons, changes=tuple(changes),
                        metrics=dict(metrics or {}), tree=captured.tree, run=self.run, resumed_from=resumed_from,
-                       created=created, created_ns=created_ns, versions=versions())
+                       created=created, created_ns=created_ns, versions=versions(), metadata=metadata)
         if skipping and not job.distributed and not sharded and not self._writer.has_room(snap.copied_bytes):
             self.snapshotter.release(snap)
             return self._skip(ref)
@@ -237,6 +247,15 @@ class Saver:
         else:
             self._writer.submit(ref, lambda: self._commit(request, snap, shards), snap.copied_bytes)
         return True
+
+    def capture_early(self, ref: str) -> dict[str, Any] | None:
+        """What a save decided at an optimizer hook takes at once (RNG, loader positions; the rest at the
+        next forward); None when it failed (reported)."""
+        try:
+            return _state.capture_early(self._ledger)
+        except Exception as exc:
+            self._failed(ref, exc)
+            return None
 
     def _refused(self, exp_hash: str, step: int, ref: str, forced: bool) -> bool:
         """Whether a save of ``exp_hash@step`` must not be written (said here): a committed checkpoint
@@ -269,18 +288,38 @@ class Saver:
         try:
             self.claims.enter(exp_hash)
         except ExperimentInUseError as exc:
-            self._failures.fail(f"checkpoint {ref}", exc, once=f"in-use:{exp_hash}")
+            self._failed(ref, exc, once=f"in-use:{exp_hash}")
             return True
         theirs = [s for s, _ in self._manager.layout.manifests(exp_hash) if (exp_hash, s) not in self._saved]
         if theirs:
             self.claims.drop(exp_hash)
-            self._failures.fail(f"checkpoint {ref}", ExperimentInUseError(
+            self._failed(ref, ExperimentInUseError(
                 f"experiment {exp_hash} holds checkpoints another run wrote while this run waited to write it "
                 f"(steps {', '.join(map(str, theirs[-5:]))}); this run does not write there, so as not to interleave "
                 "two trajectories: its checkpoints fail until it moves to another experiment",
                 experiment=exp_hash), once=f"taken:{exp_hash}")
             return True
         return False
+
+    def _before_save(self, exp_hash: str, step: int, reasons: tuple[str, ...],
+                     metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The ``before_save`` callbacks, on the training thread: the metadata they add (checked)."""
+        if not self._events.wants("before_save"):
+            return {}
+        event = BeforeSave(event="before_save", experiment=exp_hash, step=step, reasons=tuple(reasons),
+                           metrics=codec.decode(dict(metrics or {}), {}))
+        self._events.emit("before_save", event)
+        return dict(event.metadata)
+
+    def _failed(self, ref: str, exc: BaseException, *, what: str = "", once: str | None = None) -> None:
+        """Checkpoint ``ref`` was not taken: ``save_failed``, then the failure is reported (raised under strict)."""
+        self._announce_failure(ref, exc)
+        self._failures.fail(f"checkpoint {ref}{what}", exc, once=once)
+
+    def _announce_failure(self, ref: str, exc: BaseException) -> None:
+        experiment, _, step = ref.partition("@")
+        self._events.dispatch("save_failed", SaveFailed(event="save_failed", ref=ref, experiment=experiment,
+                                                        step=int(step), error=exc))
 
     def _replaced(self, dropped: list[_Queued], newer: _Queued, ref: str) -> None:
         """Queued saves dropped for ``newer`` (under the writer's lock, before ``newer`` is queued):
@@ -310,13 +349,21 @@ class Saver:
         try:
             if shards is not None:  # the sharded tensors first: durable on every rank when this returns
                 request["tree"]["sharded"]["files"] = shards.result().to_json()
-            manifest, _ = self._manager.commit(SaveRequest(**request, tensors=snap.entries(), blobs=snap.blobs()))
-        except BaseException:
+            manifest, _, written = self._manager.commit(SaveRequest(**request, tensors=snap.entries(),
+                                                                   blobs=snap.blobs()))
+        except BaseException as exc:
             if not self._job.distributed:  # not taken after all: a later save may take this step (ranks
                 self._saved.discard((request["experiment"].hash, request["step"]))  # would disagree)
+            self._announce_failure(f"{request['experiment'].hash}@{request['step']}", exc)
             raise
         finally:
             self.snapshotter.release(snap)  # its buffers serve the next snapshots
+        if self._events.wants("saved"):  # (the manifest, written last, is fsynced with its directory)
+            self._events.dispatch("saved", Saved(
+                event="saved", ref=manifest.ref, experiment=manifest.experiment, step=manifest.step,
+                reasons=manifest.reasons, metrics=codec.decode(dict(manifest.metrics), {}),
+                metadata=manifest.metadata, nbytes=manifest.total_bytes, bytes_written=written,
+                path=self._manager.layout.manifest(manifest.experiment, manifest.step), root=self._manager.root))
         if self._manager.remote is None or self._push(manifest):  # (never prune remotely what is not up yet)
             self._apply_retention(manifest)
         log.debug("committed checkpoint %s (%s, %d tensors, %d bytes)", manifest.ref, ", ".join(manifest.reasons),
@@ -327,10 +374,15 @@ class Saver:
         if self._retention is None:
             return
         try:
-            self._manager.apply_retention(self._retention, experiments=[manifest.experiment])
+            plan = self._manager.apply_retention(self._retention, experiments=[manifest.experiment])
         except Exception as exc:  # the checkpoint itself is committed: report, do not fail it
             log.warning("retention after checkpoint %s failed: %s: %s", manifest.ref, type(exc).__name__, exc)
             self._failures.keep(exc)
+            return
+        event = Pruned.of(plan.delete, layout=self._manager.layout, root=self._manager.root) \
+            if self._events.wants("pruned") else None
+        if event is not None:
+            self._events.dispatch("pruned", event)
 
     def _push(self, manifest: Manifest) -> bool:
         """Upload a committed checkpoint (and any whose upload failed before) to the remote root;
@@ -348,6 +400,22 @@ class Saver:
             return False
         self._unpushed.clear()
         return True
+
+    def check_new_name(self, name: str | None) -> None:
+        """A name a fork may give its experiment (:class:`ConfigError` saying why not); None is fine."""
+        try:
+            if name is not None:
+                check_new_name(self._manager.layout, name)
+        except ValueError as exc:
+            raise ConfigError(f"wl.fork(name={name!r}): {exc}") from None
+
+    def name_experiment(self, exp_hash: str, name: str, *, replace: bool = False) -> None:
+        """Give experiment ``exp_hash`` a human name (:class:`ConfigError` if it cannot have it), and upload it."""
+        try:
+            self._manager.name_experiment(exp_hash, name, replace=replace)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.push_names()
 
     def push_names(self) -> None:
         """Upload the root's experiment names to its remote root, if it has one."""

@@ -6,7 +6,8 @@ the watched files' edits (:class:`~weightslab.watch.ConfigWatch`), what changed 
 the run is in (:class:`~weightslab.lineage.Lineage`), the optimizer binding, the save policy, the
 ranks' agreement (:class:`~weightslab.distributed.job.Job`), the save (:class:`~weightslab.saver.Saver`).
 At a **resume** or **fork**: :class:`~weightslab.restorer.Restorer`, then the lineage. Failures go
-through one :class:`~weightslab.failures.Failures`. The map: guides/architecture.md.
+through one :class:`~weightslab.failures.Failures`; the user's callbacks are subscribed to the
+:class:`~weightslab.events.Events`, which the collaborators emit. The map: guides/architecture.md.
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from . import codec
-from . import state as _state
 from .attachments import Attachments
 from .binding import OptimizerBinding
 from .clock import Deferred, StepClock, check_change_kind, check_metrics, check_step
 from .config import CheckpointConfig, make_config
-from .configfile import ConfigFile, apply_edits, fork_edits
+from .configfile import ConfigFile, apply_edits
 from .distributed.job import Job
 from .errors import CheckpointNotFoundError, ConfigError
+from .events import Events
 from .failures import Failures
 from .ledger import LEDGER, Ledger
 from .lineage import Lineage
@@ -38,7 +38,6 @@ from .preemption import PreemptionGuard, signal_numbers
 from .restorer import CheckpointInfo, Resolved, Restorer
 from .saver import Saver
 from .storage.manager import CheckpointManager
-from .storage.names import check_new_name
 from .storage.root import Root
 from .triggers import SavePolicy
 from .watch import ConfigWatch
@@ -97,13 +96,14 @@ class AutomaticCheckpointSystem:
             raise ConfigError(str(exc)) from exc
         writer = Writer(max_pending=config.max_pending_saves, max_pending_bytes=config.max_pending_bytes)
         self._failures = Failures(writer, strict=config.strict)
-        self._saver = Saver(ledger, self.manager, self._job, self._failures, writer, backpressure=config.backpressure,
-                            retention=config.retention, clock=clock)
-        self._lineage = Lineage(ledger, self.manager, self._failures, exclude_keys=config.exclude_keys,
+        self.events = events = Events(self._failures, timeout=config.callback_timeout)  # the user's callbacks
+        self._saver = Saver(ledger, self.manager, self._job, self._failures, writer, events,
+                            backpressure=config.backpressure, retention=config.retention, clock=clock)
+        self._lineage = Lineage(ledger, self.manager, self._failures, events, exclude_keys=config.exclude_keys,
                                 resume_mode=config.resume, file_record=self._saver.file_record,
                                 saved=self._saver.saved, enter=self._saver.enter, leave=self._saver.leave)
-        self._restorer = Restorer(ledger, self.manager, self._job, self._failures, rank_state=config.rank_state,
-                                  excluded_keys=self._lineage.hasher.excluded_keys)
+        self._restorer = Restorer(ledger, self.manager, self._job, self._failures, events,
+                                  rank_state=config.rank_state, excluded_keys=self._lineage.hasher.excluded_keys)
         self._clock = StepClock(hooks=config.hook_optimizer, lock=self._lock, on_boundary=self._implicit_boundary,
                                 on_forward=self._forward, on_step=self._saver.before_step)
         self._watch = ConfigWatch(mode=config.watch_files, optimizer_keys=config.optimizer_keys)
@@ -172,6 +172,15 @@ class AutomaticCheckpointSystem:
             if due and self.resume("latest"):
                 log.info("resume='auto': continuing from %s", self._lineage.resumed_from)
 
+    # --- events ---------------------------------------------------------------------------------
+    def on(self, event: str, fn: Callable[[Any], Any] | None = None, *, priority: int = 0) -> Any:
+        """Call ``fn(payload)`` at each ``event`` (or decorate it), higher ``priority`` first: weightslab.events."""
+        return self.events.on(event, fn, priority=priority)
+
+    def off(self, event: str, fn: Callable[[Any], Any]) -> bool:
+        """Stop calling ``fn`` at ``event``; False if it was not subscribed."""
+        return self.events.off(event, fn)
+
     # --- the triggers -----------------------------------------------------------------------
     def checkpoint_on_step(self, step: int, metrics: Mapping[str, Any] | None = None) -> bool:
         """Mark the end of training step ``step`` (after its optimizer update); save if it is due.
@@ -229,7 +238,8 @@ class AutomaticCheckpointSystem:
         """After a preemption signal: once the final checkpoint is durable, stop as the process would
         have without weightslab (the user's handler, KeyboardInterrupt, or death by the signal)."""
         if self._guard.pending is not None and self._clock.deferred is None:  # (a deferred save first)
-            self._guard.stop(durable=self._saver.wait, before=self._job.barrier_before_stop)
+            self._guard.stop(durable=lambda: self._saver.wait() or self.events.wait(self.events.timeout),
+                             before=self._job.barrier_before_stop)
 
     # --- the step boundary ------------------------------------------------------------------
     def _boundary(self, step: int, *, metrics: Mapping[str, Any] | None, forced: tuple[str, ...] = (),
@@ -273,10 +283,8 @@ class AutomaticCheckpointSystem:
                 return False
             if not defer:
                 return self._save(step, reasons, changes, metrics)
-            try:
-                early = _state.capture_early(self.ledger)
-            except Exception as exc:
-                self._failures.fail(f"checkpoint {self._lineage.hash}@{step}", exc)
+            early = self._saver.capture_early(f"{self._lineage.hash}@{step}")
+            if early is None:
                 return False
             self._clock.defer(Deferred(step, reasons, tuple(changes), early))
             return True
@@ -313,8 +321,9 @@ class AutomaticCheckpointSystem:
 
     # --- waiting and closing ----------------------------------------------------------------
     def wait(self) -> None:
-        """Block until every save taken so far is durable; raise the failures kept since last time."""
+        """Block until every save taken so far is durable and its events' callbacks ran; raise what was kept."""
         self._saver.wait()
+        self.events.wait()
         self._failures.raise_kept()
 
     flush = wait
@@ -338,6 +347,7 @@ class AutomaticCheckpointSystem:
                 self._attachments.close()
                 atexit.unregister(self._atexit)
         self._saver.close()
+        self.events.close()  # (after the writer: its events are all dispatched)
         pending = self._guard.pending
         self._guard.uninstall()
         if pending is not None and not crashed:  # the loop ended after a preemption signal: stop now
@@ -389,8 +399,7 @@ class AutomaticCheckpointSystem:
         """
         with self._lock:
             self._saver.wait()
-            resolved = self._restorer.peek(ref, self._lineage.current_hash)
-            return resolved.info() if resolved is not None else None
+            return self._restorer.peek(ref, self._lineage.current_hash)
 
     def resume(self, ref: str | os.PathLike[str] = "latest", *,
                model_factory: Callable[[CheckpointInfo], Any] | None = None, rank_state: str | None = None) -> int:
@@ -418,9 +427,7 @@ class AutomaticCheckpointSystem:
             self._check_open()
             self._saver.wait()
             self._auto_resume_due = False  # resumed (or chose not to) explicitly: no automatic resume
-            build = None if model_factory is None else \
-                (lambda resolved: self._restorer.register_built(model_factory, resolved))
-            resolved = self._restorer.load(ref, self._lineage.current_hash, prepare=build)
+            resolved = self._restorer.load(ref, self._lineage.current_hash, model_factory=model_factory)
             if resolved is None:
                 self._lineage.start_fresh(str(self.root))
                 return 0
@@ -429,7 +436,6 @@ class AutomaticCheckpointSystem:
             if lines is not None:
                 self._save(resolved.step, ("resume_with_changes",), [{"kind": "resume_with_changes", "diff": lines}],
                            None)
-            self._restorer.warn_if_not_reproducible()
             return resolved.step
 
     def fork(self, ref: str | os.PathLike[str], *, name: str | None = None, **overrides: Any) -> int:
@@ -444,56 +450,46 @@ class AutomaticCheckpointSystem:
         """
         with self._lock:
             self._check_open()
-            try:
-                if name is not None:
-                    check_new_name(self.manager.layout, name)
-            except ValueError as exc:
-                raise ConfigError(f"wl.fork(name={name!r}): {exc}") from None
+            self._saver.check_new_name(name)
             self._saver.wait()
             self._auto_resume_due = False
             resolved = self._restorer.load(ref, self._lineage.current_hash, fall_back=False)
             if resolved is None:
                 raise CheckpointNotFoundError(f"wl.fork({str(ref)!r}): there is no checkpoint to fork from yet")
             manifest, step = resolved.manifest, resolved.step
-            edits = fork_edits(codec.decode(manifest.state.get("hyperparams", {}), {}),  # checked before any change
-                               self.ledger.objects("hyperparams"), overrides, where=manifest.ref)
-            with self._restore(resolved):
+            edits = self._restorer.fork_edits(resolved, overrides)  # (checked before anything changes)
+            with self._restore(resolved, kind="fork"):
                 lines = apply_edits(edits, self.ledger.objects("hyperparams"))
                 self._apply_bindings(step)
                 # One branch (it enters the hash) for every rank: rank 0's.
                 branch = self._job.share((name or f"fork-{uuid.uuid4().hex[:12]}").encode()).decode()
                 exp = self._lineage.fork(manifest, branch=branch, lines=lines)
             if name is not None and self._job.writes:
-                self.manager.name_experiment(exp, name)
-                self._saver.push_names()
+                self._saver.name_experiment(exp, name)
             log.info("forked %s -> new experiment %s%s at step %d: %s", manifest.ref, exp,
                      f" ({name!r})" if name else "", step, "; ".join(lines) or "no hyperparameter changes")
             self._save(step, ("fork",), [{"kind": "fork", "from": manifest.ref, "name": name, "diff": lines}], None)
-            self._restorer.warn_if_not_reproducible()
             return step
 
     @contextlib.contextmanager
-    def _restore(self, resolved: Resolved, *, rank_state: str | None = None) -> Iterator[None]:
+    def _restore(self, resolved: Resolved, *, rank_state: str | None = None, kind: str = "resume") -> Iterator[None]:
         """Put ``resolved`` into the registered objects and run the block (the lineage: a resume and a
         fork differ); if it raises, they are put back as they were. Then the clock, the saver and the
-        optimizer binding continue from its step."""
+        optimizer binding continue from its step (``before_load`` and ``loaded`` around it all)."""
         def baseline() -> None:
             self._binding.baseline(self.ledger.objects("hyperparams"), self.ledger.objects("optimizer"))
-        restored = self._restorer.restore(resolved, rank_state=rank_state)
+        restored = self._restorer.restore(resolved, rank_state=rank_state, kind=kind)
         baseline()
         with restored.taken_back_on_error(then=baseline):
             yield
         self._saver.learn_restored(resolved.manifest, restored.tensors)
         self._clock.restart(resolved.step)
         self._start_step, self._binding_seen = resolved.step, True
+        self._restorer.loaded(resolved, kind)
 
     def name_experiment(self, name: str, *, replace: bool = False) -> str:
         """Give the current experiment a human name, usable in refs (``name@latest``); returns its hash."""
         exp = self.experiment_hash
-        try:
-            self.manager.name_experiment(exp, name, replace=replace)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        self._saver.push_names()
+        self._saver.name_experiment(exp, name, replace=replace)
         return exp
 

@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import yaml
 
@@ -39,7 +39,7 @@ from .shardfiles import ShardedFiles
 from .shardfiles import verify as verify_shards
 from .store import Blob, BlobRef, BlobStore, BytesLike
 
-__all__ = ["CheckpointManager", "CheckpointEntry", "SaveRequest", "VerifyReport"]
+__all__ = ["CheckpointManager", "CheckpointEntry", "Committed", "SaveRequest", "VerifyReport"]
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,19 @@ class SaveRequest:
     created: str
     created_ns: int
     versions: Mapping[str, str]
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # plain JSON, checked by the caller
 
     @property
     def ref(self) -> str:
         return f"{self.experiment.hash}@{self.step}"
+
+
+class Committed(NamedTuple):
+    """What :meth:`CheckpointManager.commit` made durable."""
+
+    manifest: Manifest
+    refs: dict[str, BlobRef]  # where each tensor is stored
+    written: int  # bytes this commit added: tensor bytes the root did not hold, and the manifest
 
 
 @dataclass(frozen=True)
@@ -199,9 +208,10 @@ class CheckpointManager:
             atomic_write(self.layout.experiment_record(h), record.to_bytes())
         self._written_experiments.add(h)
 
-    def commit(self, request: SaveRequest) -> tuple[Manifest, dict[str, BlobRef]]:
+    def commit(self, request: SaveRequest) -> Committed:
         """Make one checkpoint durable: the pack of the blobs the root does not hold yet first, then
-        the manifest (the commit point). Returns the manifest and where each tensor is stored."""
+        the manifest (the commit point). Returns the manifest, where each tensor is stored, and the
+        bytes written."""
         h = request.experiment.hash
         for directory in (self.layout.experiment_dir(h), self.layout.model_dir(h)):
             if os.path.islink(directory):  # listings skip it: a checkpoint written there would be lost
@@ -214,9 +224,11 @@ class CheckpointManager:
         # Shared lock: garbage collection cannot delete a blob between the store finding it (an
         # unchanged tensor costs no bytes) and the commit of the manifest that references it.
         with self.store.lock(exclusive=False):
-            refs = dict(zip(keys, self.store.put(blobs)))
+            stored, written = self.store.put_counting(blobs)
+            refs = dict(zip(keys, stored))
             manifest = self._manifest(request, refs)
-            atomic_write(self.layout.manifest(manifest.experiment, manifest.step), manifest.to_bytes())
+            document = manifest.to_bytes()
+            atomic_write(self.layout.manifest(manifest.experiment, manifest.step), document)
         if self.delta:
             for key, blob in request.blobs.items():
                 ref = refs[key]
@@ -226,7 +238,7 @@ class CheckpointManager:
                 elif key in self._anchors and ref.base.digest == self._anchors[key][0].digest:
                     anchor, data, dtype, shape, count = self._anchors[key]
                     self._anchors[key] = (anchor, data, dtype, shape, count + 1)
-        return manifest, refs
+        return Committed(manifest, refs, written + len(document))
 
     def _delta_base(self, key: str, blob: Blob) -> tuple[BlobRef, BytesLike] | None:
         anchor = self._anchors.get(key) if self.delta else None
@@ -261,6 +273,7 @@ class CheckpointManager:
             tensors={k: TensorEntry(dtype=dtype, shape=shape, blob=refs[k])
                      for k, (dtype, shape) in request.tensors.items()},
             state=request.tree,
+            metadata=request.metadata,
         )
 
     # --- finding ----------------------------------------------------------------------------

@@ -118,6 +118,9 @@ class Manifest:
     tensors: Mapping[str, TensorEntry] = field(default_factory=dict)
     state: Mapping[str, Any] = field(default_factory=dict)  # codec tree referencing ``tensors``
     versions: Mapping[str, str] = field(default_factory=dict)  # weightslab / torch that wrote it
+    #: plain JSON the user's ``before_save`` callbacks added (:mod:`weightslab.events`); written only
+    #: when not empty, so other manifests are byte for byte as before, and older readers ignore it
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -160,6 +163,7 @@ class Manifest:
             "versions": dict(self.versions),
             "tensors": {k: v.to_json() for k, v in self.tensors.items()},
             "state": self.state,
+            **({"metadata": dict(self.metadata)} if self.metadata else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -221,6 +225,7 @@ class Manifest:
             versions=dict(_mapping(body.get("versions", {}), "versions")),
             tensors={_text(k, "a tensor key"): TensorEntry.from_json(v) for k, v in tensors.items()},
             state=state,
+            metadata=dict(_mapping(body.get("metadata", {}), "metadata")),
         )
 
     @classmethod

@@ -419,6 +419,10 @@ class BlobStore:
         Blobs whose raw digest the root already holds cost nothing; the others go into one new
         pack. Identical blobs within the call are stored once.
         """
+        return self.put_counting(blobs, dedupe=dedupe)[0]
+
+    def put_counting(self, blobs: Sequence[Blob], *, dedupe: bool = True) -> tuple[list[BlobRef], int]:
+        """:meth:`put`, and the bytes of blob data it stored (0 when the root held every blob)."""
         views = [_as_bytes_view(b.data) for b in blobs]
         digests = [_digest(v) for v in views]
         refs: dict[str, BlobRef] = {}
@@ -435,7 +439,7 @@ class BlobStore:
                 new[digest] = self._encode(digest, blob, view)
         if new:
             refs.update(self._write_pack(list(new.values())))
-        return [refs[d] for d in digests]
+        return [refs[d] for d in digests], sum(memoryview(item.data).nbytes for item in new.values())
 
     def _encode(self, digest: str, blob: Blob, view: memoryview) -> _Stored:
         fast = self._fast
