@@ -59,12 +59,15 @@ except ImportError as exc:  # the framework is an optional extra
 
 from .. import codec, rng
 from ..config import make_config
-from ..errors import ConfigError, StateError
+from ..errors import ConfigError, CorruptCheckpointError, StateError
 from ..registration import (list_registered, register_model, register_optimizer, register_scaler, register_scheduler, register_state,
                             unregister)
 from ..process import get_checkpoint_system
 from ..storage.atomic import DISK, TEMP_PREFIX, atomic_path, atomic_write, fsync_dir, make_dirs, temp_path_for
-from ..tensors import empty_like_entry, raw_bytes
+from ..fingerprint import ExperimentHashGenerator
+from ..ledger import LEDGER
+from ..refs import parse_ref
+from ..tensors import load_tensors
 
 __all__ = ["WeightslabTrainerCallback", "resume_from"]
 
@@ -120,19 +123,16 @@ class WeightslabTrainerCallback(TrainerCallback):
         self._trainer = trainer
         system = self.system
         register_model(MODEL, _model_of(trainer.model))  # so that "latest" means this model's lineage
-        info = system.peek(ref)
-        if info is None:
+        found = _resolve(system, ref)
+        if found is None:
             self._pending = None
             return None
-        manager = system.manager
-        manifest = manager.read_manifest(manager.candidates(info.ref)[0])
+        manifest, tensors = found
         saved = manifest.state.get("custom", {}).get(TRAINER)
-        if saved is None:
-            raise StateError(f"checkpoint {manifest.ref} holds no Trainer state: it was not saved by "
-                             "WeightslabTrainerCallback. Resume it with system.resume() in the loop that saved it, "
-                             "or pick a checkpoint of a Trainer run")
-        trainer_state = codec.decode(saved, {})["trainer_state"]
-        weights = _model_weights(manager, manifest)
+        trainer_state = codec.decode(saved, tensors)["trainer_state"]
+        weights = codec.decode(manifest.state["models"][MODEL]["state_dict"], tensors)
+        # safetensors holds tensors only (a module's _extra_state may be anything).
+        weights = {name: value for name, value in weights.items() if isinstance(value, torch.Tensor)}
         args = trainer.args
         name = f"weightslab-{manifest.experiment}-step-{manifest.step}"
         if getattr(args, "world_size", 1) > 1:  # each process reads its own copy (nodes may share no disk)
@@ -387,20 +387,35 @@ def _model_of(model: Any) -> Any:
     return model
 
 
-def _model_weights(manager: Any, manifest: Any) -> dict[str, torch.Tensor]:
-    """The tensors of the checkpoint's ``model``, read and verified (the optimizer's are not read)."""
-    saved = manifest.state.get("models", {}).get(MODEL)
-    if saved is None:
-        raise StateError(f"checkpoint {manifest.ref} holds no model {MODEL!r}; it was not saved by "
-                         "WeightslabTrainerCallback")
-    keys = {node["key"] for node in saved.get("state_dict", {}).values()
-            if isinstance(node, dict) and node.get(codec.TAG) == "tensor"}
-    manager.check_stored(manifest)  # (sizes checked before anything is allocated)
-    buffers = {key: empty_like_entry(manifest.tensors[key].dtype, manifest.tensors[key].shape) for key in keys}
-    manager.read_tensors(manifest, {key: raw_bytes(t) for key, t in buffers.items()})
-    state_dict = codec.decode(saved["state_dict"], buffers)
-    # safetensors holds tensors only (a module's _extra_state may be anything).
-    return {name: value for name, value in state_dict.items() if isinstance(value, torch.Tensor)}
+def _resolve(system: Any, ref: str | os.PathLike[str]) -> tuple[Any, dict[str, torch.Tensor]] | None:
+    """The checkpoint ``ref`` means, with every tensor read and verified; None when ``latest`` finds
+    nothing. As ``system.resume`` does, ``latest`` (or ``<hash>@latest``) skips a damaged checkpoint for
+    the newest one that verifies, with a warning; an exact ref raises
+    :class:`~weightslab.CorruptCheckpointError`."""
+    if system.peek(ref) is None:  # (fetches a remote root's index; an explicit ref naming nothing raises)
+        return None
+    manager = system.manager
+    parsed = parse_ref(ref)
+    current = None
+    if parsed.latest:  # the lineage of the registered model, as the system's own resume searches it
+        hasher = ExperimentHashGenerator(exclude_keys=system.config.exclude_keys)
+        current = hasher.fingerprint(LEDGER.objects("model"), LEDGER.objects("hyperparams")).hash
+    may_fall_back = parsed.latest or parsed.step is None
+    damaged = []
+    for entry in manager.candidates(parsed, current=current):
+        try:
+            manifest = manager.read_manifest(entry)
+            if TRAINER not in manifest.state.get("custom", {}) or MODEL not in manifest.state.get("models", {}):
+                raise StateError(f"checkpoint {manifest.ref} holds no Trainer state: it was not saved by "
+                                 "WeightslabTrainerCallback. Resume it with system.resume() in the loop that saved "
+                                 "it, or pick a checkpoint of a Trainer run")
+            return manifest, load_tensors(manager, manifest)
+        except CorruptCheckpointError as exc:
+            if not may_fall_back:
+                raise
+            damaged.append(f"{entry.ref}: {exc}")
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", entry.ref, exc)
+    raise CorruptCheckpointError("no checkpoint of %s verifies:\n  %s" % (ref, "\n  ".join(damaged)))
 
 
 def _length(loader: Any) -> int | None:
