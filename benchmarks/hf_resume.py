@@ -40,7 +40,8 @@ def run(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 def kill_at_ready(root: Path, out: Path, *extra: str) -> None:
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(root), str(out), "--pause-at", str(KILL_AT), *extra],
-                            env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.strip() == "READY":

@@ -164,16 +164,27 @@ def test_killed_mid_epoch_and_resumed_matches_an_uninterrupted_run(tmp_path: Pat
     assert mine == {k: v for k, v in theirs.items() if int(k) > 9}  # every step trained on the same batches
 
 
-def test_register_refuses_what_it_cannot_tell_and_import_names_the_extra() -> None:
-    stdout = run_python("""
+def test_register_tells_the_objects_apart_and_import_names_the_extra(tmp_path: Path) -> None:
+    stdout = run_python(f"""
 import sys
-import weightslab
+import weightslab as wl
 print("LOADED:", "accelerate" in sys.modules)
+import torch
 from accelerate import Accelerator
 from weightslab.errors import RegistrationError
 from weightslab.integrations import accelerate as wl_accelerate
+wl.get_checkpoint_system(root_log_dir={str(tmp_path / 'root')!r})
+accelerator = Accelerator(cpu=True)
+model = torch.nn.Linear(2, 2)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2)  # (it has an .optimizer too)
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
+prepared = accelerator.prepare(model, optimizer, loader, scheduler)
+back = wl_accelerate.register(accelerator, *prepared, torch.nn.Linear(2, 2), optimizer, scheduler)
+print("REGISTERED:", wl.list_registered())
+print("SAME:", [a is b for a, b in zip(back, prepared)], type(back[2]).__name__)
 try:
-    wl_accelerate.register(Accelerator(cpu=True), "not a prepared object")
+    wl_accelerate.register(accelerator, "not a prepared object")
 except RegistrationError as exc:
     print("REFUSED:", exc)
 del sys.modules["weightslab.integrations.accelerate"]
@@ -184,6 +195,9 @@ except ImportError as exc:
     print("ERROR:", exc)
 """).stdout
     assert "LOADED: False" in stdout
+    assert ("REGISTERED: {'model': ['model', 'model_1'], 'optimizer': ['optimizer', 'optimizer_1'], "
+            "'scheduler': ['scheduler', 'scheduler_1'], 'dataloader': ['dataloader'], 'state': ['accelerator']}") in stdout
+    assert "SAME: [True, True, False, True] ResumableLoader" in stdout
     assert "REFUSED: wl_accelerate.register(accelerator, ...): cannot tell what a str is" in stdout
     assert "ERROR: weightslab.integrations.accelerate needs Hugging Face Accelerate" in stdout
     assert "pip install 'weightslab[accelerate]'" in stdout

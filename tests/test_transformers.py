@@ -161,7 +161,8 @@ try:
     WeightslabTrainerCallback(checkpoint_frequency=0)
 except ConfigError as exc:
     print("SETTING:", exc)
-trainer = Trainer(model=model, args=args, callbacks=[WeightslabTrainerCallback(root_log_dir={str(tmp_path / 'root')!r})])
+callback = WeightslabTrainerCallback(root_log_dir={str(tmp_path / 'root')!r})
+trainer = Trainer(model=model, args=args, callbacks=[callback])
 print("FRESH:", resume_from(trainer, "latest"))
 """).stdout
     assert "NO CALLBACK: resume_from(trainer): the Trainer has no WeightslabTrainerCallback" in stdout

@@ -95,12 +95,11 @@ def register(accelerator: Any, *objects: Any) -> Any:
         if isinstance(obj, torch.nn.Module):
             register_model(name("model"), accelerator.unwrap_model(obj))
             out.append(obj)
-        elif isinstance(getattr(obj, "optimizer", None), torch.optim.Optimizer) or isinstance(obj, torch.optim.Optimizer):
-            register_optimizer(name("optimizer"), getattr(obj, "optimizer", obj))
-            out.append(obj)
-        elif callable(getattr(getattr(obj, "scheduler", obj), "state_dict", None)) and hasattr(
-                getattr(obj, "scheduler", obj), "last_epoch"):  # an LR scheduler (AcceleratedScheduler holds one)
+        elif hasattr(getattr(obj, "scheduler", obj), "last_epoch"):  # an LR scheduler (AcceleratedScheduler holds one)
             register_scheduler(name("scheduler"), getattr(obj, "scheduler", obj))
+            out.append(obj)
+        elif isinstance(getattr(obj, "optimizer", obj), torch.optim.Optimizer):  # (AcceleratedOptimizer holds one)
+            register_optimizer(name("optimizer"), getattr(obj, "optimizer", obj))
             out.append(obj)
         elif isinstance(obj, ResumableLoader) or hasattr(obj, "dataset") and hasattr(obj, "__iter__"):
             loader = obj if isinstance(obj, ResumableLoader) else ResumableLoader(obj)

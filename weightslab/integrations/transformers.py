@@ -60,8 +60,8 @@ except ImportError as exc:  # the framework is an optional extra
 from .. import codec, rng
 from ..config import make_config
 from ..errors import ConfigError, CorruptCheckpointError, StateError
-from ..registration import (list_registered, register_model, register_optimizer, register_scaler, register_scheduler, register_state,
-                            unregister)
+from ..registration import (list_registered, register_model, register_optimizer, register_scaler, register_scheduler,
+                            register_state, unregister)
 from ..process import get_checkpoint_system
 from ..storage.atomic import DISK, TEMP_PREFIX, atomic_path, atomic_write, fsync_dir, make_dirs, temp_path_for
 from ..fingerprint import ExperimentHashGenerator
