@@ -68,7 +68,8 @@ def outcome(proc: subprocess.CompletedProcess[str]) -> str:
     if proc.returncode != 0:
         last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
         error, _, message = last.partition(": ")
-        return f"crash: {error} ({message.rsplit('/', 1)[-1][:60]}"
+        shown = message.rsplit("/", 1)[-1].rstrip("'")[:60]
+        return f"crash: {error} ({shown})"
     start = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("START_STEP"))
     return f"resumed at step {start}"
 
@@ -79,6 +80,9 @@ def damage_native(checkpoint: Path, how: str) -> None:
     elif how == "killed before rng_state.pth":
         (checkpoint / "trainer_state.json").unlink()
         (checkpoint / "rng_state.pth").unlink()
+    elif how == "killed mid-save, then deleted by hand":
+        import shutil
+        shutil.rmtree(checkpoint)
     elif how == "killed writing optimizer.pt":
         for name in ("trainer_state.json", "rng_state.pth", "scheduler.pt"):
             (checkpoint / name).unlink()
@@ -104,10 +108,6 @@ def damage_weightslab(root: Path) -> None:
         f.write(bytes(64))
 
 
-def _bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-
-
 def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,11 +118,10 @@ def main() -> None:
         wl_straight = base / "wl-straight"
         run(base / "ws-root", wl_straight)
         rows.append(("straight", "native vs weightslab", compare(straight, wl_straight)))
-        rows.append(("disk", "native checkpoints (6) vs weightslab root (7)",
-                     f"{_bytes(base / 's-out') / 1e6:.2f} MB vs {_bytes(base / 'ws-root') / 1e6:.2f} MB"))
 
         cases = ["complete", "killed before trainer_state.json", "killed before rng_state.pth",
-                 "killed writing optimizer.pt", "power loss: weights not flushed"]
+                 "killed writing optimizer.pt", "killed mid-save, then deleted by hand",
+                 "power loss: weights not flushed"]
         for i, how in enumerate(cases):
             root, outdir, out = base / f"n{i}-root", base / f"n{i}-out", base / f"n{i}"
             kill_at_ready(root, out, "--native", "--output-dir", str(outdir))

@@ -60,13 +60,13 @@ except ImportError as exc:  # the framework is an optional extra
 from .. import codec, rng
 from ..config import make_config
 from ..errors import ConfigError, CorruptCheckpointError, StateError
-from ..registration import (list_registered, register_model, register_optimizer, register_scaler, register_scheduler,
-                            register_state, unregister)
-from ..process import get_checkpoint_system
-from ..storage.atomic import DISK, TEMP_PREFIX, atomic_path, atomic_write, fsync_dir, make_dirs, temp_path_for
 from ..fingerprint import ExperimentHashGenerator
 from ..ledger import LEDGER
+from ..process import get_checkpoint_system
 from ..refs import parse_ref
+from ..registration import (list_registered, register_model, register_optimizer, register_scaler, register_scheduler,
+                            register_state, unregister)
+from ..storage.atomic import DISK, TEMP_PREFIX, atomic_path, atomic_write, fsync_dir, make_dirs, temp_path_for
 from ..tensors import load_tensors
 
 __all__ = ["WeightslabTrainerCallback", "resume_from"]
@@ -102,7 +102,6 @@ class WeightslabTrainerCallback(TrainerCallback):
         self._trainer: Any = None
         self._system: Any = None
         self._pending: _Pending | None = None  # what resume_from prepared, restored at on_train_begin
-        self._args: Any = None
         self._state: TrainerState | None = None
         self._loader: Any = None
         self._ended: int | None = None  # the step that ended and whose boundary is not marked yet
@@ -118,8 +117,8 @@ class WeightslabTrainerCallback(TrainerCallback):
         return self._system
 
     # --- resuming -------------------------------------------------------------------------------
-    def prepare_resume(self, trainer: Any, ref: str | os.PathLike[str] = "latest") -> str | None:
-        """What :func:`resume_from` does, for this callback."""
+    def _prepare_resume(self, trainer: Any, ref: str | os.PathLike[str] = "latest") -> str | None:
+        """:func:`resume_from`, for this callback."""
         self._trainer = trainer
         system = self.system
         register_model(MODEL, _model_of(trainer.model))  # so that "latest" means this model's lineage
@@ -129,7 +128,7 @@ class WeightslabTrainerCallback(TrainerCallback):
             return None
         manifest, tensors = found
         saved = manifest.state.get("custom", {}).get(TRAINER)
-        trainer_state = codec.decode(saved, tensors)["trainer_state"]
+        trainer_state = bytes(codec.decode(saved, tensors)["trainer_state"].numpy()).decode()
         weights = codec.decode(manifest.state["models"][MODEL]["state_dict"], tensors)
         # safetensors holds tensors only (a module's _extra_state may be anything).
         weights = {name: value for name, value in weights.items() if isinstance(value, torch.Tensor)}
@@ -147,7 +146,7 @@ class WeightslabTrainerCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: TrainerState, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, train_dataloader: Any = None, **kwargs: Any) -> None:
         system = self.system
-        self._args, self._state, self._loader = args, state, train_dataloader
+        self._state, self._loader = state, train_dataloader
         self._ended, self._metrics, self._rng = None, {}, None
         register_model(MODEL, _model_of(model))
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer holds the real one
@@ -251,8 +250,10 @@ class WeightslabTrainerCallback(TrainerCallback):
         return {
             "format": 1,
             "global_step": self._state.global_step,
-            # Written as Trainer.save_to_json writes it: the file the Trainer reads back.
-            "trainer_state": json.dumps(fields, indent=2, sort_keys=True) + "\n",
+            # Written as TrainerState.save_to_json writes it: the file the Trainer reads back. As bytes
+            # (a blob in the pack, not text in the manifest): its log history grows with the run.
+            "trainer_state": torch.frombuffer(bytearray((json.dumps(fields, indent=2, sort_keys=True) + "\n").encode()),
+                                              dtype=torch.uint8),
             "loop": loop,
             "data": {"batches_per_epoch": _length(self._loader), "sampler": type(sampler).__name__ if sampler else None,
                      "seed": _seed_of(sampler)},
@@ -303,7 +304,7 @@ def resume_from(trainer: Any, ref: str | os.PathLike[str] = "latest") -> str | N
                           "trainer.add_callback(WeightslabTrainerCallback(...))")
     if len(callbacks) > 1:
         raise ConfigError("resume_from(trainer): the Trainer has several WeightslabTrainerCallback; keep one")
-    return callbacks[0].prepare_resume(trainer, ref)
+    return callbacks[0]._prepare_resume(trainer, ref)
 
 
 def materialize(directory: Path, weights: Mapping[str, torch.Tensor], trainer_state: str) -> None:
