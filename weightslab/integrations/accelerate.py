@@ -174,6 +174,7 @@ class ResumableLoader:
                         "loop at loader.epoch", epoch, self._resume[0], self._resume[0])
             self._resume = None
         self._epoch, self._batches, self._complete = int(epoch), 0, True
+        self._generator_at_start = None  # (that of the epoch before)
         self.loader.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Any]:
@@ -214,15 +215,15 @@ class ResumableLoader:
             log.warning("the resumed data loader gives %d batches per epoch, the saved one gave %s: the rest of the "
                         "epoch is not the one the saved run would have seen", len(self.loader), state["length"])
         epoch, batches = int(state["epoch"]), int(state["batches"])
+        self._generator.set_state(state["generator_now"])
+        self._resume = None
         if state["complete"] or batches >= len(self.loader):  # the next iteration starts the next epoch
-            self._resume = None
             self._epoch, self._batches, self._complete = epoch, max(batches, 1), True
-            self._generator.set_state(state["generator_now"])
             self.loader.set_epoch(epoch + 1)
-        elif batches == 0 and state.get("generator") is None:  # saved before the first iteration
-            self._resume = None
+        elif batches == 0:  # saved before the epoch's first batch: the next iteration starts it
             self._epoch, self._batches, self._complete = epoch, 0, True
-        else:
+            self.loader.set_epoch(epoch)
+        else:  # mid-epoch: the next iteration draws the epoch's worker seed again and skips what was consumed
             self._resume = (epoch, batches, state.get("generator"))
 
 

@@ -187,8 +187,7 @@ class WeightslabTrainerCallback(TrainerCallback):
         self._boundary()
 
     def on_step_end(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
-        self._boundary()  # (none is pending: every step begins after the previous one's boundary)
-        self._ended = state.global_step
+        self._ended = state.global_step  # (its boundary is marked once the Trainer is done with the step)
 
     def on_log(self, args: Any, state: TrainerState, control: Any, logs: Mapping[str, Any] | None = None,
                **kwargs: Any) -> None:
@@ -215,6 +214,7 @@ class WeightslabTrainerCallback(TrainerCallback):
     # --- the parts ------------------------------------------------------------------------------
     def _boundary(self) -> None:
         if self._ended is None:
+            self._metrics = {}  # logged before any step (eval_on_start): no checkpoint holds that state
             return
         step, metrics = self._ended, self._metrics
         self._ended, self._metrics = None, {}
