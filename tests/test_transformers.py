@@ -139,7 +139,7 @@ def test_a_resume_directory_is_never_visible_half_written(tmp_path: Path) -> Non
     assert json.loads((target / "trainer_state.json").read_text()) == {"global_step": 12}
 
 
-def test_resume_from_needs_the_callback_and_starts_fresh_on_an_empty_root(tmp_path: Path) -> None:
+def test_resume_from_needs_the_callback_starts_fresh_and_falls_back_from_a_damaged_latest(tmp_path: Path) -> None:
     stdout = run_python(f"""
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
@@ -161,14 +161,34 @@ try:
     WeightslabTrainerCallback(checkpoint_frequency=0)
 except ConfigError as exc:
     print("SETTING:", exc)
-callback = WeightslabTrainerCallback(root_log_dir={str(tmp_path / 'root')!r})
-trainer = Trainer(model=model, args=args, callbacks=[callback])
+callback = WeightslabTrainerCallback(root_log_dir={str(tmp_path / 'root')!r}, checkpoint_frequency=2)
+data = [{{"input_ids": torch.arange(1, 9), "labels": torch.tensor(i % 2)}} for i in range(8)]
+trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
 print("FRESH:", resume_from(trainer, "latest"))
+trainer.args.max_steps = 4
+trainer.train()  # checkpoints at steps 2 and 4
+
+from pathlib import Path
+packs = sorted(Path({str(tmp_path / 'root')!r}).glob("objects/*/*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+with open(packs[-1], "r+b") as f:  # the save of step 4, damaged on disk
+    f.seek(-64, 2)
+    f.write(bytes(64))
+print("FELL BACK TO:", Path(resume_from(trainer, "latest")).name)
+from weightslab.errors import CorruptCheckpointError
+exp = Path(resume_from(trainer, "latest")).name.split("-")[1]
+try:
+    resume_from(trainer, exp + "@4")
+except CorruptCheckpointError as exc:
+    print("EXACT REF:", type(exc).__name__)
 """).stdout
     assert "NO CALLBACK: resume_from(trainer): the Trainer has no WeightslabTrainerCallback" in stdout
     assert "AUTO: WeightslabTrainerCallback(resume='auto')" in stdout and "resume_from(trainer, 'latest')" in stdout
     assert "SETTING: checkpoint_frequency must be a positive integer" in stdout
     assert "FRESH: None" in stdout
+    # A damaged newest checkpoint: "latest" falls back to the newest that verifies, as system.resume does;
+    # an exact ref to it raises.
+    assert "FELL BACK TO: weightslab-" in stdout and stdout.split("FELL BACK TO: ")[1].split()[0].endswith("-step-2")
+    assert "EXACT REF: CorruptCheckpointError" in stdout
 
 
 def test_import_needs_transformers_only_when_used() -> None:
