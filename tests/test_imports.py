@@ -43,6 +43,7 @@ LAYERS: dict[str, list[str]] = {
                       "distributed.job", "saver",
                       "restorer", "system"],
     "surface": ["process", "registration", "maintenance", "portable", "components", "cli", "cli.commands",
+                "integrations", "integrations.transformers", "integrations.accelerate", "integrations.lightning",
                 "cli.catalog", "__init__", "__main__"],
 }
 LEVEL = {module: level for level, modules in enumerate(LAYERS.values()) for module in modules}
