@@ -1,20 +1,23 @@
 """A Lightning run killed mid-epoch and resumed: Lightning's own checkpoints against weightslab's.
 
 Run: ``python benchmarks/lightning_resume.py [--kill-at 12] [--accumulate 1] [--dir PATH]`` (about
-half a minute on a 2-core machine: six short runs, most of it importing Lightning). ``--dir``
-chooses where the files go (default: a temporary directory, removed at the end).
+a minute on a 2-core machine: nine short runs, most of it importing Lightning). ``--dir`` chooses
+where the files go (default: a temporary directory, removed at the end).
 
-Each side trains tests/scripts/lightning_train.py (dropout, NumPy and Python draws, a shuffled
+Each setup trains tests/scripts/lightning_train.py (dropout, NumPy and Python draws, a shuffled
 DataLoader with two workers, AdamW, a per-step StepLR; 8 batches per epoch, 20 optimizer steps) three
 times, in fresh processes with MKL's strict mode and one thread: to the end; killed with SIGKILL once
 step ``--kill-at`` is done (and checkpointed); and resumed from that checkpoint:
 
 * Lightning alone: ``ModelCheckpoint(every_n_train_steps=4, save_top_k=-1)``, resumed with
   ``trainer.fit(ckpt_path=".../step=<kill-at>.ckpt")``;
+* the same ``ModelCheckpoint`` and ``.ckpt`` with ``WeightslabCallback`` in the callbacks (it adds
+  the random generators and the loader's position to Lightning's checkpoints);
 * weightslab: ``WeightslabCallback(checkpoint_frequency=4)``, resumed with ``ckpt_path="latest"``.
 
-The two sides do not train the same trajectory (a registered loader draws its epochs' order from
-its own seeded generator), so each resumed run is compared with its own uninterrupted run: which
+Lightning alone does not train the same trajectory as the others (a loader registered with
+weightslab draws its epochs' order from its own seeded generator), so each resumed run is compared
+with the uninterrupted run of its own setup: which
 tensors differ and by how much, the samples the resumed run trained on in the epoch it was killed in,
 the batch the loop would take next, the next random draws. It prints the figures; it asserts nothing.
 """
@@ -58,8 +61,8 @@ def kill_when_ready(proc: subprocess.Popen[str]) -> None:
     proc.communicate(timeout=60)
 
 
-def side(name: str, base: Path, args: argparse.Namespace, train: tuple[str, ...], resume: str) -> dict:
-    """Run one side's three runs; return the comparison of the resumed run with the uninterrupted one."""
+def side(base: Path, args: argparse.Namespace, train: tuple[str, ...], resume: str) -> dict:
+    """Run one setup's three runs; return the comparison of the resumed run with the uninterrupted one."""
     common = ("--accumulate", str(args.accumulate), "--frequency", "4", *train)
     straight = spawn(base / "straight-root", base / "straight", *common)
     kill_when_ready(spawn(base / "root", base / "killed", *common, "--pause-at", str(args.kill_at)))
@@ -126,18 +129,22 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="lightning-resume-", dir=args.dir))
+    ckpt = "{root}/lightning/step=" + str(args.kill_at) + ".ckpt"
+    setups = {
+        "Lightning alone (ModelCheckpoint every 4 steps, ckpt_path=<the .ckpt of the kill step>)":
+            (("--no-weightslab", "--model-checkpoint"), ckpt),
+        "Lightning's ModelCheckpoint and .ckpt, with WeightslabCallback in the callbacks": (("--model-checkpoint",), ckpt),
+        "weightslab (WeightslabCallback(checkpoint_frequency=4), ckpt_path='latest')": ((), "latest"),
+    }
     try:
-        lightning = side("Lightning alone (ModelCheckpoint every 4 steps, ckpt_path=<the .ckpt of the kill step>)",
-                         base / "lightning", args, ("--lightning-only",), "{root}/step=" + str(args.kill_at) + ".ckpt")
-        weightslab = side("weightslab (WeightslabCallback(checkpoint_frequency=4), ckpt_path='latest')",
-                          base / "weightslab", args, (), "latest")
+        results = {name: side(base / str(i), args, train, resume) for i, (name, (train, resume)) in enumerate(setups.items())}
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"killed after optimizer step {args.kill_at} (batch {args.kill_at * args.accumulate % BATCHES_PER_EPOCH} of "
           f"{BATCHES_PER_EPOCH} in epoch {args.kill_at * args.accumulate // BATCHES_PER_EPOCH}), resumed in a fresh "
           "process, trained to step 20")
-    report("Lightning alone (ModelCheckpoint every 4 steps, ckpt_path=<the .ckpt of the kill step>)", lightning, args)
-    report("weightslab (WeightslabCallback(checkpoint_frequency=4), ckpt_path='latest')", weightslab, args)
+    for name, result in results.items():
+        report(name, result, args)
 
 
 if __name__ == "__main__":

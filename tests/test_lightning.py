@@ -75,18 +75,19 @@ def _only_experiment(root: Path) -> tuple[str, list[int]]:
 
 
 #: Two batches per optimizer step, 8 batches per epoch: 10 steps are 2.5 epochs; a checkpoint every
-#: 3 steps; the run to kill stops after step 6 (batch 4 of epoch 1). ``--auto`` is resume="auto"
-#: (a ckpt_path given wins over it; the first run finds nothing and starts fresh).
-ARGS = ("--accumulate", "2", "--max-steps", "10", "--frequency", "3", "--auto")
+#: 3 steps, by weightslab and by Lightning's ModelCheckpoint; the run to kill stops after step 6
+#: (batch 4 of epoch 1). ``--auto`` is resume="auto" (a ckpt_path given wins over it; the first run
+#: finds nothing and starts fresh).
+ARGS = ("--accumulate", "2", "--max-steps", "10", "--frequency", "3", "--auto", "--model-checkpoint")
 KILLED_AT = 6
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A run to the end (``straight``), one killed after step 6 (``root``, kept as it was left), and
-    two resumes of copies of that root in fresh processes: ``trainer.fit(ckpt_path="<name>@best:loss")``
-    (``named``) and ``resume="auto"`` (``auto``). Independent runs go side by side: Lightning takes
-    seconds to import."""
+    three resumes of copies of that root in fresh processes: ``trainer.fit(ckpt_path="<name>@best:loss")``
+    (``named``), ``resume="auto"`` (``auto``) and ``trainer.fit(ckpt_path=<ModelCheckpoint's .ckpt of
+    step 6>)`` (``lightning``). Independent runs go side by side: Lightning takes seconds to import."""
     base = tmp_path_factory.mktemp("lightning")
     straight = _spawn(base / "straight-root", base / "straight", *ARGS)
     _kill_when_ready(_spawn(base / "root", base / "killed", *ARGS, "--pause-at", str(KILLED_AT)))
@@ -94,18 +95,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
     from weightslab.maintenance import name_experiment
 
-    for copy in ("named-root", "auto-root"):
+    for copy in ("named-root", "auto-root", "lightning-root"):
         shutil.copytree(base / "root", base / copy)
     exp, _ = _only_experiment(base / "root")
     name_experiment("lightning-run", exp, root=base / "named-root")
     named = _spawn(base / "named-root", base / "named", *ARGS, "--ckpt-path", "lightning-run@best:loss")
     auto = _spawn(base / "auto-root", base / "auto", *ARGS)
-    return {"base": base, "experiment": exp, "named": _finish(named), "auto": _finish(auto)}
+    lightning = _spawn(base / "lightning-root", base / "lightning", *ARGS,
+                       "--ckpt-path", str(base / "lightning-root" / "lightning" / f"step={KILLED_AT}.ckpt"))
+    return {"base": base, "experiment": exp, "named": _finish(named), "auto": _finish(auto),
+            "lightning": _finish(lightning)}
 
 
 def test_killed_mid_epoch_the_checkpoint_holds_the_position_and_the_loops(runs: dict) -> None:
     root, exp = runs["base"] / "root", runs["experiment"]
     assert sorted(assert_root_consistent(root)) == [3, 6]  # 6 was durable when the run was killed
+    assert sorted(p.name for p in (root / "lightning").iterdir()) == ["step=3.ckpt", "step=6.ckpt"]
     state = read_manifest(root, exp, KILLED_AT)["state"]
     # Mid-epoch: 12 batches taken, 8 per epoch; Lightning's own counters are there too.
     assert (state["dataloaders"]["train"]["epoch"], state["dataloaders"]["train"]["batches"]) == (1, 4)
@@ -124,6 +129,12 @@ def test_resumed_with_ckpt_path_a_named_best_ref_ends_bit_identical(runs: dict) 
 def test_resumed_by_the_callback_itself_ends_bit_identical(runs: dict) -> None:
     assert _start(runs["auto"]) == KILLED_AT  # resume="auto": from "latest"
     _assert_same_end(runs["base"] / "straight", runs["base"] / "auto")
+
+
+def test_lightnings_own_checkpoint_taken_with_the_callback_resumes_bit_identical(runs: dict) -> None:
+    # ModelCheckpoint's .ckpt holds the callback's state: the random generators and the loader's position.
+    assert _start(runs["lightning"]) == KILLED_AT
+    _assert_same_end(runs["base"] / "straight", runs["base"] / "lightning")
 
 
 def test_with_accumulated_gradients_a_checkpoint_step_is_an_optimizer_step(runs: dict) -> None:

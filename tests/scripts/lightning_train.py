@@ -8,13 +8,14 @@ loop would take next, the next random draws) is written in a canonical byte form
 <out>.json) so that two runs compare byte for byte; the loss and the samples of each step this
 process ran go to <out>.steps.json.
 
---ckpt-path REF: trainer.fit(ckpt_path=REF) (a weightslab ref, or a Lightning .ckpt with --lightning-only).
+--ckpt-path REF: trainer.fit(ckpt_path=REF): a weightslab ref, or a Lightning .ckpt.
 --auto: WeightslabCallback(resume="auto").
 --pause-at N: once step N is done (its checkpoint durable), print READY and block on stdin (the
               test kills the process there).
 --accumulate K: accumulate_grad_batches=K (a step is an optimizer step: K batches).
---lightning-only: no weightslab; Lightning's ModelCheckpoint every --frequency steps into ROOT
-                  (the contrast in benchmarks/lightning_resume.py).
+--model-checkpoint: Lightning's own ModelCheckpoint too, every --frequency steps, into ROOT/lightning
+                    (files step=<N>.ckpt; the contrast in benchmarks/lightning_resume.py).
+--no-weightslab: without WeightslabCallback (Lightning's own checkpoints alone, with --model-checkpoint).
 """
 
 import argparse
@@ -42,7 +43,8 @@ parser.add_argument("--ckpt-path", default=None)
 parser.add_argument("--auto", action="store_true")
 parser.add_argument("--accumulate", type=int, default=1)
 parser.add_argument("--workers", type=int, default=2)
-parser.add_argument("--lightning-only", action="store_true")
+parser.add_argument("--model-checkpoint", action="store_true")
+parser.add_argument("--no-weightslab", action="store_true")
 args = parser.parse_args()
 
 warnings.filterwarnings("ignore")  # Lightning's advice on workers and logging intervals
@@ -73,6 +75,12 @@ class Net(pl.LightningModule):
         self.steps[f"{self.global_step}.{batch_idx}"] = {"loss": round(loss.item(), 7), "samples": index.tolist()}
         return loss
 
+    def on_train_end(self):
+        # The batch the loop would take next (the LightningModule's hook runs after every callback's:
+        # after weightslab's final checkpoint, of which this batch is not part).
+        batch, _, _ = next(self.trainer.fit_loop._data_fetcher)
+        self.next_batch = batch[0]
+
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.05)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
@@ -80,11 +88,10 @@ class Net(pl.LightningModule):
 
 
 class Pause(pl.Callback):
-    """Stops after step --pause-at for the test to kill the process there; takes the next batch at the end."""
+    """Stops after step --pause-at for the test to kill the process there."""
 
     def __init__(self, weightslab_callback=None):
         self.weightslab_callback = weightslab_callback
-        self.next_batch = None
         self.paused = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -96,11 +103,6 @@ class Pause(pl.Callback):
             print("READY", flush=True)
             sys.stdin.readline()
 
-    def on_train_end(self, trainer, pl_module):
-        # The batch the loop would take next (after weightslab's final checkpoint: it is not part of the run).
-        batch, _, _ = next(trainer.fit_loop._data_fetcher)
-        self.next_batch = batch[0]
-
 
 g = torch.Generator().manual_seed(7)
 dataset = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 4, (64,), generator=g),
@@ -109,24 +111,23 @@ loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, num_wo
                                      persistent_workers=False)
 model = Net()
 
-if args.lightning_only:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    checkpoints = ModelCheckpoint(dirpath=args.root, every_n_train_steps=args.frequency, save_top_k=-1,
-                                  filename="{step}")
-    pause = Pause()
-    callbacks = [pause, checkpoints]
-else:
+callbacks, weightslab = [], None
+if not args.no_weightslab:
     from weightslab.integrations.lightning import WeightslabCallback
 
     weightslab = WeightslabCallback(root_log_dir=args.root, checkpoint_frequency=args.frequency,
                                     resume="auto" if args.auto else None)
-    pause = Pause(weightslab)
-    callbacks = [weightslab, pause]
+    callbacks.append(weightslab)
+callbacks.append(Pause(weightslab))
+if args.model_checkpoint:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks.append(ModelCheckpoint(dirpath=f"{args.root}/lightning", every_n_train_steps=args.frequency,
+                                     save_top_k=-1, filename="{step}"))
 
 trainer = pl.Trainer(max_steps=args.max_steps, accumulate_grad_batches=args.accumulate, callbacks=callbacks,
                      accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, enable_checkpointing=args.lightning_only, num_sanity_val_steps=0,
+                     enable_model_summary=False, enable_checkpointing=args.model_checkpoint, num_sanity_val_steps=0,
                      deterministic=True)
 trainer.fit(model, loader, ckpt_path=args.ckpt_path)
 start = min((int(key.split(".")[0]) for key in model.steps), default=None)
@@ -138,7 +139,7 @@ for pid, s in optimizer.state_dict()["state"].items():
     for k, v in s.items():
         tensors[f"optim/{pid}/{k}"] = v.detach().reshape(-1).contiguous()
 tensors["draw/torch"] = torch.rand(8)
-tensors["draw/next_batch"] = pause.next_batch
+tensors["draw/next_batch"] = model.next_batch
 save_file(tensors, args.out + ".safetensors")
 with open(args.out + ".json", "w") as f:
     json.dump({

@@ -41,7 +41,7 @@ try:
     import lightning.pytorch as pl
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.callbacks import Callback, Checkpoint
 except ImportError as _missing:  # the extra is not installed
     raise ImportError("weightslab.integrations.lightning needs PyTorch Lightning (the package `lightning`): "
                       "pip install 'weightslab[lightning]'") from _missing
@@ -82,8 +82,11 @@ class WeightslabCallback(Callback):
         make_config(settings)  # a wrong setting is refused now, with the valid ones named
         resume = settings.get("resume")
         # The system's own auto-resume fires at the first forward of the module (the sanity check's,
-        # before the optimizers exist): the callback resumes at on_fit_start instead.
-        self.settings = {**settings, "resume": "never" if resume == "never" else None}
+        # before the optimizers exist): the callback resumes at on_fit_start instead. And the
+        # parameters are copied at the boundary, not beside the next step: Lightning calls the
+        # LightningModule's hooks after the callbacks', and one that changes a parameter in place
+        # there (an EMA kept as a submodule) would tear a background copy.
+        self.settings = {"overlap": False, **settings, "resume": "never" if resume == "never" else None}
         self.auto_resume = resume == "auto"
         self.system: Any = None
         self._trainer: pl.Trainer | None = None
@@ -92,10 +95,16 @@ class WeightslabCallback(Callback):
         self._position = _TrainPosition()
         self._pending_rng: dict[str, Any] | None = None  # restored, to be put back before the first fetch
         self._last_step: int | None = None
+        self._after_validation: tuple[int, dict[str, bool]] | None = None  # a boundary validation follows
         self._warned: set[str] = set()
 
     # --- Lightning's hooks --------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # After the other callbacks, so that a checkpoint holds what they did in the same hook (an
+        # EMA's update at on_train_batch_end); checkpoint callbacks stay last, as Lightning has them.
+        # (A new list: Lightning is iterating over the one it has, to call this hook.)
+        others = [c for c in trainer.callbacks if c is not self and not isinstance(c, Checkpoint)]
+        trainer.callbacks = others + [self] + [c for c in trainer.callbacks if isinstance(c, Checkpoint)]
         # Before Lightning reads ckpt_path: the checkpoint IO must know refs by then.
         io = trainer.strategy.checkpoint_io
         if not isinstance(io, WeightslabCheckpointIO):
@@ -127,7 +136,9 @@ class WeightslabCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             self._register("scaler", "scaler", scaler)
-        ref = self._ref if self._ref is not None else "latest" if self.auto_resume else None
+        # (resume="auto" gives way to a ckpt_path given to fit, weightslab's or Lightning's own)
+        ref = self._ref if self._ref is not None else \
+            "latest" if self.auto_resume and trainer.ckpt_path is None else None
         if ref is not None:
             # Everything at once, where Lightning restores its own training state (the loops'
             # counters through the "lightning" state); the loader's position waits for the loader.
@@ -149,6 +160,10 @@ class WeightslabCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._restore_rng()  # (a loader that could not do it before its first fetch)
+        if self._after_validation is not None:  # (validation was due after the last step, and did not run)
+            self._warn("validation", "no checkpoint at step %d: validation was due after it and did not run",
+                       self._after_validation[0])
+            self._after_validation = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -156,7 +171,25 @@ class WeightslabCallback(Callback):
         if step == self._last_step:
             return  # accumulating gradients: no optimizer step since the last boundary
         self._last_step = step
+        if _validation_follows(trainer):
+            # The step ends after the validation Lightning runs now: its draws from the random
+            # generators, its metrics and what callbacks do with them belong to this step (a run
+            # resumed from a checkpoint taken before it would skip it, as Lightning does).
+            self._after_validation = (step, {name: m.training for name, m in pl_module.named_modules()})
+            return
         self.system.checkpoint_on_step(step, metrics=_scalars(trainer.callback_metrics))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._after_validation is None or trainer.sanity_checking:
+            return
+        (step, modes), self._after_validation = self._after_validation, None
+        # Lightning puts the modules back in training mode right after this hook: they are saved so.
+        during = {name: m.training for name, m in pl_module.named_modules()}
+        _set_modes(pl_module, modes)
+        try:
+            self.system.checkpoint_on_step(step, metrics=_scalars(trainer.callback_metrics))
+        finally:
+            _set_modes(pl_module, during)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish(None)  # training is over: the final checkpoint, before Lightning tears the loop down
@@ -170,6 +203,24 @@ class WeightslabCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._finish(None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning's own checkpoints (``ModelCheckpoint``) lack for an exact resume, added to
+        them: the random generators and the train loaders' position (``ckpt_path=<a .ckpt>``)."""
+        if self.system is None:
+            return {}
+        # Encoded as weightslab encodes a checkpoint (plain values and tensors): Lightning loads its
+        # files with torch.load(weights_only=True), which refuses NumPy's generator state.
+        tensors: dict[str, torch.Tensor] = {}
+        state = {"rng": rng.capture(), "train": self._position.state_dict()}
+        return {"state": codec.encode(state, path="weightslab", tensors=tensors, what="WeightslabCallback"),
+                "tensors": tensors}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "state" in state_dict:  # (resuming from a Lightning checkpoint taken with this callback)
+            state = codec.decode(state_dict["state"], state_dict["tensors"])
+            self._pending_rng = state["rng"]
+            self._position.load_state_dict(state["train"])
 
     # --- resuming -----------------------------------------------------------------------------
     def _checkpoint_for(self, ref: str) -> dict[str, Any]:
@@ -408,6 +459,21 @@ def _before_next_iteration(loader: DataLoader, then: Any) -> None:
 
     once = type(cls.__name__, (cls,), {"__iter__": __iter__, "__module__": cls.__module__})
     loader.__class__ = once
+
+
+def _validation_follows(trainer: pl.Trainer) -> bool:
+    """Lightning runs validation after this training batch (decided by the number of batches; with
+    a validation interval in time, when it runs cannot be known before: False)."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        return False
+    loop = trainer.fit_loop
+    return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+
+
+def _set_modes(module: torch.nn.Module, modes: Mapping[str, bool]) -> None:
+    for name, m in module.named_modules():
+        if name in modes:
+            m.training = modes[name]
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
