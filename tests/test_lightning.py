@@ -74,11 +74,12 @@ def _only_experiment(root: Path) -> tuple[str, list[int]]:
     return exp, steps
 
 
-#: Two batches per optimizer step, 8 batches per epoch: 10 steps are 2.5 epochs; a checkpoint every
-#: 3 steps, by weightslab and by Lightning's ModelCheckpoint; the run to kill stops after step 6
-#: (batch 4 of epoch 1). ``--auto`` is resume="auto" (a ckpt_path given wins over it; the first run
-#: finds nothing and starts fresh).
-ARGS = ("--accumulate", "2", "--max-steps", "10", "--frequency", "3", "--auto", "--model-checkpoint")
+#: Two batches per optimizer step, 8 batches per epoch: 10 steps are 2.5 epochs. Validation after
+#: every 4th batch (steps 2, 4, 6, ...), on a loader that draws from the global generator. A
+#: checkpoint every 3 steps by weightslab, and one by Lightning's ModelCheckpoint after each
+#: validation. The run to kill stops after step 6 (batch 4 of epoch 1) and its validation.
+#: ``--auto`` is resume="auto" (a ckpt_path given wins over it; the first run starts fresh).
+ARGS = ("--accumulate", "2", "--max-steps", "10", "--frequency", "3", "--validate", "--auto", "--model-checkpoint")
 KILLED_AT = 6
 
 
@@ -110,13 +111,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def test_killed_mid_epoch_the_checkpoint_holds_the_position_and_the_loops(runs: dict) -> None:
     root, exp = runs["base"] / "root", runs["experiment"]
     assert sorted(assert_root_consistent(root)) == [3, 6]  # 6 was durable when the run was killed
-    assert sorted(p.name for p in (root / "lightning").iterdir()) == ["step=3.ckpt", "step=6.ckpt"]
+    assert sorted(p.name for p in (root / "lightning").iterdir()) == ["step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
     state = read_manifest(root, exp, KILLED_AT)["state"]
     # Mid-epoch: 12 batches taken, 8 per epoch; Lightning's own counters are there too.
     assert (state["dataloaders"]["train"]["epoch"], state["dataloaders"]["train"]["batches"]) == (1, 4)
     loops = state["custom"]["lightning"]
     assert (loops["epoch"], loops["global_step"]) == (1, KILLED_AT)
-    assert loops["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 3  # (Lightning's: batch 4 ends)
+    assert loops["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 4
+    # Taken after the validation that followed the step: its metric is there, the modules are saved
+    # in training mode (Lightning sets them back after the hook), and its counters are done.
+    assert "val_loss" in read_manifest(root, exp, KILLED_AT)["metrics"]
+    assert state["models"]["model"]["eval"] == []
+    assert loops["fit_loop"]["epoch_loop.val_loop.batch_progress"]["total"]["completed"] == 4  # 64 / 16
 
 
 def test_resumed_with_ckpt_path_a_named_best_ref_ends_bit_identical(runs: dict) -> None:

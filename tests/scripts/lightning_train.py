@@ -13,8 +13,10 @@ process ran go to <out>.steps.json.
 --pause-at N: once step N is done (its checkpoint durable), print READY and block on stdin (the
               test kills the process there).
 --accumulate K: accumulate_grad_batches=K (a step is an optimizer step: K batches).
---model-checkpoint: Lightning's own ModelCheckpoint too, every --frequency steps, into ROOT/lightning
-                    (files step=<N>.ckpt; the contrast in benchmarks/lightning_resume.py).
+--validate: validation every 4 batches (twice an epoch) on a loader without a generator of its own,
+            which draws from the global one each time it starts.
+--model-checkpoint: Lightning's own ModelCheckpoint too, into ROOT/lightning (files step=<N>.ckpt):
+                    every --frequency steps, or with --validate after each validation.
 --no-weightslab: without WeightslabCallback (Lightning's own checkpoints alone, with --model-checkpoint).
 """
 
@@ -43,6 +45,7 @@ parser.add_argument("--ckpt-path", default=None)
 parser.add_argument("--auto", action="store_true")
 parser.add_argument("--accumulate", type=int, default=1)
 parser.add_argument("--workers", type=int, default=2)
+parser.add_argument("--validate", action="store_true")
 parser.add_argument("--model-checkpoint", action="store_true")
 parser.add_argument("--no-weightslab", action="store_true")
 args = parser.parse_args()
@@ -74,6 +77,10 @@ class Net(pl.LightningModule):
         self.log("loss", loss)
         self.steps[f"{self.global_step}.{batch_idx}"] = {"loss": round(loss.item(), 7), "samples": index.tolist()}
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y, index = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
 
     def on_train_end(self):
         # The batch the loop would take next (the LightningModule's hook runs after every callback's:
@@ -122,14 +129,15 @@ callbacks.append(Pause(weightslab))
 if args.model_checkpoint:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    callbacks.append(ModelCheckpoint(dirpath=f"{args.root}/lightning", every_n_train_steps=args.frequency,
-                                     save_top_k=-1, filename="{step}"))
+    every = {} if args.validate else {"every_n_train_steps": args.frequency}
+    callbacks.append(ModelCheckpoint(dirpath=f"{args.root}/lightning", save_top_k=-1, filename="{step}", **every))
 
 trainer = pl.Trainer(max_steps=args.max_steps, accumulate_grad_batches=args.accumulate, callbacks=callbacks,
                      accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=args.model_checkpoint, num_sanity_val_steps=0,
-                     deterministic=True)
-trainer.fit(model, loader, ckpt_path=args.ckpt_path)
+                     deterministic=True, **({"val_check_interval": 4} if args.validate else {"limit_val_batches": 0}))
+validation = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=args.workers) if args.validate else None
+trainer.fit(model, loader, validation, ckpt_path=args.ckpt_path)
 start = min((int(key.split(".")[0]) for key in model.steps), default=None)
 print("START", start, flush=True)
 
