@@ -79,7 +79,8 @@ def compare(straight: Path, resumed: Path, args: argparse.Namespace) -> dict:
                if not a[key].equal(b[key])}
     ja, jb = json.loads(Path(f"{straight}.json").read_text()), json.loads(Path(f"{resumed}.json").read_text())
     other = sorted(key for key in ja if ja[key] != jb[key])
-    sa, sb = json.loads(Path(f"{straight}.steps.json").read_text()), json.loads(Path(f"{resumed}.steps.json").read_text())
+    sa = json.loads(Path(f"{straight}.steps.json").read_text())
+    sb = json.loads(Path(f"{resumed}.steps.json").read_text())
     # The epoch of the kill, batch by batch: what the uninterrupted run and the resumed one trained on.
     first_batch = args.kill_at * args.accumulate
     epoch = first_batch // BATCHES_PER_EPOCH
@@ -106,7 +107,7 @@ def compare(straight: Path, resumed: Path, args: argparse.Namespace) -> dict:
             "steps": len(sb)}
 
 
-def report(name: str, result: dict, args: argparse.Namespace) -> None:
+def report(name: str, result: dict) -> None:
     print(f"\n{name}")
     if not result["tensors"] and not result["other"]:
         print("  ends bit-identical to the uninterrupted run: parameters, optimizer state, scheduler, the next batch,"
@@ -133,18 +134,20 @@ def main() -> None:
     setups = {
         "Lightning alone (ModelCheckpoint every 4 steps, ckpt_path=<the .ckpt of the kill step>)":
             (("--no-weightslab", "--model-checkpoint"), ckpt),
-        "Lightning's ModelCheckpoint and .ckpt, with WeightslabCallback in the callbacks": (("--model-checkpoint",), ckpt),
+        "Lightning's ModelCheckpoint and .ckpt, with WeightslabCallback in the callbacks":
+            (("--model-checkpoint",), ckpt),
         "weightslab (WeightslabCallback(checkpoint_frequency=4), ckpt_path='latest')": ((), "latest"),
     }
     try:
-        results = {name: side(base / str(i), args, train, resume) for i, (name, (train, resume)) in enumerate(setups.items())}
+        results = {name: side(base / str(i), args, train, resume)
+                   for i, (name, (train, resume)) in enumerate(setups.items())}
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"killed after optimizer step {args.kill_at} (batch {args.kill_at * args.accumulate % BATCHES_PER_EPOCH} of "
           f"{BATCHES_PER_EPOCH} in epoch {args.kill_at * args.accumulate // BATCHES_PER_EPOCH}), resumed in a fresh "
           "process, trained to step 20")
     for name, result in results.items():
-        report(name, result, args)
+        report(name, result)
 
 
 if __name__ == "__main__":

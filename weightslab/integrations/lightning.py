@@ -14,20 +14,26 @@ loops' counters, but no random generator and, for a plain ``DataLoader``, no pos
 a run resumed mid-epoch draws another order of batches and other dropout masks. The callback
 registers with weightslab's ledger what a ``Trainer`` holds (the LightningModule as model
 ``"model"``, its ``hparams`` as hyperparameters ``"hparams"``, the optimizers, the schedulers, the
-precision plugin's GradScaler, the train loaders' position as dataloader ``"train"`` and the loops'
-counters and the other callbacks' state as custom state ``"lightning"``) and marks a step boundary
-whenever an optimizer step happened (``trainer.global_step`` moved: with gradient accumulation, a
-boundary is an optimizer step, not a batch), with ``trainer.callback_metrics`` as the metrics, so
-``@best`` refs rank them. weightslab saves on its own triggers (every ``checkpoint_frequency`` steps,
-architecture, hyperparameter and state changes) and every random generator with each checkpoint.
+precision plugin's GradScaler, the train loaders' position as dataloader ``"train"``, and the loops'
+counters and the other callbacks' ``state_dict()`` as custom state ``"lightning"``) and marks a step
+boundary whenever an optimizer step happened (``trainer.global_step`` moved: with gradient
+accumulation a boundary is an optimizer step, not a batch), with ``trainer.callback_metrics`` as
+the metrics, so ``@best`` refs rank them. When Lightning validates after that batch, the step ends
+after the validation (``on_validation_end``): its metrics and its draws from the random generators
+belong to it, as in a ``ModelCheckpoint`` saved there. weightslab saves on its own triggers (every
+``checkpoint_frequency`` steps, architecture, hyperparameter and state changes), with every random
+generator. The callback runs after the other callbacks (checkpoint callbacks last, as Lightning has
+them), so a checkpoint holds what they did in the same hook.
 
 Resuming: ``trainer.fit(model, ckpt_path=ref)`` with a weightslab ref (the callback installs a
 :class:`WeightslabCheckpointIO` that recognises refs and hands any other path to the checkpoint IO
 it wraps), or ``WeightslabCallback(resume="auto")``, which resumes from ``"latest"`` by itself.
 weightslab restores everything at ``on_fit_start``, where Lightning restores its own training state;
-the loader's position when Lightning has built the loader (``on_train_start``); and the random
+the loader's position once Lightning has built the loader (``on_train_start``); and the random
 generators as they were at the checkpoint right before the first batch is fetched, since Lightning
-draws from them between the two (the workers' seed of the loader it builds, for one).
+draws from them in between (the workers' seed of the loader it builds, for one). Lightning's own
+checkpoint files taken with the callback present also hold the generators and the position (the
+callback's ``state_dict``), so ``ckpt_path=<a .ckpt>`` resumes exactly too.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
     from lightning.pytorch.callbacks import Callback, Checkpoint
+    from lightning.pytorch.utilities.model_helpers import is_overridden
 except ImportError as _missing:  # the extra is not installed
     raise ImportError("weightslab.integrations.lightning needs PyTorch Lightning (the package `lightning`): "
                       "pip install 'weightslab[lightning]'") from _missing
@@ -51,11 +58,12 @@ from torch.utils.data import DataLoader
 
 from .. import codec, data, registration, rng
 from ..config import make_config
-from ..errors import ConfigError, StateError
+from ..errors import ConfigError, HyperparamsError, RegistrationError, StateError
 from ..process import get_checkpoint_system
 from ..refs import parse_ref
 
-__all__ = ["WeightslabCallback", "WeightslabCheckpointIO", "MODEL", "HYPERPARAMS", "LOOP_STATE", "TRAIN_DATA"]
+__all__ = ["WeightslabCallback", "WeightslabCheckpointIO", "is_weightslab_ref", "MODEL", "HYPERPARAMS", "LOOP_STATE",
+           "TRAIN_DATA"]
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +82,9 @@ class WeightslabCallback(Callback):
     ``settings`` are those of :func:`weightslab.get_checkpoint_system` (``root_log_dir``,
     ``checkpoint_frequency``, ``retention``, ...); the process-wide checkpoint system starts with
     them when ``trainer.fit`` starts and is closed when training ends (a final checkpoint if the
-    last step has none; a save that failed raises there). ``resume="auto"`` resumes from ``"latest"`` at the
-    start of ``fit`` when no ``ckpt_path`` is given.
+    last step has none; a save that failed raises there). ``resume="auto"`` resumes from
+    ``"latest"`` at the start of ``fit`` when no ``ckpt_path`` is given; ``overlap`` is False
+    unless given (see ``__init__``).
     """
 
     def __init__(self, **settings: Any) -> None:
@@ -120,7 +129,7 @@ class WeightslabCallback(Callback):
         if pl_module.hparams:
             try:
                 self._register("hyperparams", HYPERPARAMS, pl_module.hparams)
-            except Exception as exc:  # noqa: BLE001 - an object in hparams: the run goes on without them
+            except (HyperparamsError, RegistrationError) as exc:  # an object in hparams: the run goes on without
                 self._warn("hparams", "the LightningModule's hparams are not registered with weightslab (%s); they "
                            "do not enter the experiment hash", exc)
         registration.register_state(LOOP_STATE, self._loop_state, self._restore_loop_state)
@@ -136,6 +145,7 @@ class WeightslabCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             self._register("scaler", "scaler", scaler)
+        self._warn_about_checkpoint_hooks(trainer, pl_module)
         # (resume="auto" gives way to a ckpt_path given to fit, weightslab's or Lightning's own)
         ref = self._ref if self._ref is not None else \
             "latest" if self.auto_resume and trainer.ckpt_path is None else None
@@ -302,6 +312,19 @@ class WeightslabCallback(Callback):
                 callback.load_state_dict(copy.deepcopy(saved[callback.state_key]))
         if trainer.datamodule is not None and "datamodule" in state:
             trainer.datamodule.load_state_dict(state["datamodule"])
+
+    def _warn_about_checkpoint_hooks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """State kept in Lightning's checkpoint dict by ``on_save_checkpoint`` (an EMA callback's
+        averaged weights, a module's extras) is not in weightslab's checkpoints: say so, once."""
+        owners = [f"callback {type(c).__name__}" for c in trainer.callbacks
+                  if c is not self and is_overridden("on_save_checkpoint", c, Callback)]
+        if is_overridden("on_save_checkpoint", pl_module, pl.LightningModule):
+            owners.append(f"the LightningModule {type(pl_module).__name__}")
+        if owners:
+            self._warn("on_save_checkpoint", "%s keep%s state in Lightning's checkpoints through on_save_checkpoint, "
+                       "which weightslab's checkpoints do not hold: a run resumed from a weightslab ref starts that "
+                       "state afresh. Register it (wl.register_state, wl.register_model) to have it saved",
+                       " and ".join(owners), "s" if len(owners) == 1 else "")
 
     def _encodable(self, value: Any, what: str) -> bool:
         try:
