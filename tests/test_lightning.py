@@ -2,9 +2,10 @@
 resumed in a fresh process ends bit for bit where an uninterrupted run ends.
 
 The runs are real subprocesses (tests/scripts/lightning_train.py: dropout, NumPy and Python draws, a
-shuffled DataLoader with two workers, AdamW, a per-step scheduler) with MKL's strict mode and one
-thread, side by side where they are independent. Final states (parameters,
-optimizer state, scheduler, the next batch, the next random draws) are compared byte for byte.
+shuffled DataLoader with two workers, AdamW, a per-step scheduler, gradient accumulation, validation)
+with MKL's strict mode and one thread, side by side where they are independent. Final states
+(parameters, optimizer state, scheduler, the next batch, the next random draws) are compared byte
+for byte.
 """
 
 from __future__ import annotations
