@@ -4,9 +4,7 @@ comes only once the checkpoint is durable (a process killed inside its callback 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -18,7 +16,7 @@ import pytest
 import torch
 
 import weightslab as wl
-from weightslab.events import BeforeSave, CallbackError, ExperimentOpened, Load, Pruned, Saved, SaveFailed, Verified
+from weightslab.events import BeforeSave, CallbackError, ExperimentOpened, Load, Pruned, Saved, Verified
 from weightslab.ledger import LEDGER
 from weightslab.storage.layout import Layout
 from weightslab.storage.manager import CheckpointManager
