@@ -30,7 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSa
 from .distributed.world import World
 
 __all__ = ["ResumableSampler", "DataProgress", "make_resumable", "undo_resumable", "progress", "loader_state",
-           "restore_loader"]
+           "restore_loader", "sampler_seed", "set_sampler_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -311,3 +311,21 @@ def restore_loader(loader: Any, state: Any) -> bool:
         load(state)
         return True
     return False
+
+
+def sampler_seed(sampler: Any) -> int | None:
+    """The seed a sampler draws every epoch's order from (``ResumableSampler.seed``,
+    ``DistributedSampler.seed``, Accelerate's ``SeedableRandomSampler.initial_seed``), or None."""
+    for attr in ("initial_seed", "seed"):
+        value = getattr(sampler, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def set_sampler_seed(sampler: Any, seed: int) -> None:
+    """Give a sampler the seed of a saved run, so that every epoch draws the saved run's order."""
+    for attr in ("initial_seed", "seed"):
+        if isinstance(getattr(sampler, attr, None), int):
+            setattr(sampler, attr, seed)
+            return

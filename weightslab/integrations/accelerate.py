@@ -62,7 +62,7 @@ except ImportError as exc:  # the framework is an optional extra
     raise ImportError(f"weightslab.integrations.accelerate needs Hugging Face Accelerate ({exc}); install it with: "
                       "pip install 'weightslab[accelerate]'") from exc
 
-from ..data import ResumableSampler
+from ..data import ResumableSampler, sampler_seed, set_sampler_seed
 from ..distributed.world import World
 from ..errors import RegistrationError
 from ..registration import (register_dataloader, register_model, register_optimizer, register_scaler,
@@ -204,13 +204,13 @@ class ResumableLoader:
             epoch, batches, generator, complete = self._epoch, self._batches, self._generator_at_start, self._complete
         return {"kind": "weightslab.accelerate_loader", "epoch": epoch, "batches": batches,
                 "complete": complete and batches > 0, "generator": generator,
-                "generator_now": self._generator.get_state(), "seed": _seed_of(self.sampler),
+                "generator_now": self._generator.get_state(), "seed": sampler_seed(self.sampler),
                 "length": len(self.loader)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         seed = state.get("seed")
-        if seed is not None and _seed_of(self.sampler) not in (None, seed):
-            _set_seed(self.sampler, int(seed))  # the saved run's order of every epoch, whatever seeds this one
+        if seed is not None and sampler_seed(self.sampler) not in (None, seed):
+            set_sampler_seed(self.sampler, int(seed))  # the saved run's order of every epoch, whatever seeds this one
         if state.get("length") not in (None, len(self.loader)):
             log.warning("the resumed data loader gives %d batches per epoch, the saved one gave %s: the rest of the "
                         "epoch is not the one the saved run would have seen", len(self.loader), state["length"])
@@ -257,18 +257,3 @@ def _make_replayable(loader: Any) -> Any:
                 "DataLoaderConfiguration(use_seedable_sampler=True) or shuffle=True with the default sampler",
                 type(sampler).__name__)
     return sampler
-
-
-def _seed_of(sampler: Any) -> int | None:
-    for attr in ("initial_seed", "seed"):  # Accelerate's SeedableRandomSampler; ResumableSampler, DistributedSampler
-        value = getattr(sampler, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _set_seed(sampler: Any, seed: int) -> None:
-    for attr in ("initial_seed", "seed"):
-        if isinstance(getattr(sampler, attr, None), int):
-            setattr(sampler, attr, seed)
-            return

@@ -59,6 +59,7 @@ except ImportError as exc:  # the framework is an optional extra
 
 from .. import codec, rng
 from ..config import make_config
+from ..data import sampler_seed, set_sampler_seed
 from ..errors import ConfigError, CorruptCheckpointError, StateError
 from ..fingerprint import ExperimentHashGenerator
 from ..ledger import LEDGER
@@ -256,7 +257,7 @@ class WeightslabTrainerCallback(TrainerCallback):
                                               dtype=torch.uint8),
             "loop": loop,
             "data": {"batches_per_epoch": _length(self._loader), "sampler": type(sampler).__name__ if sampler else None,
-                     "seed": _seed_of(sampler)},
+                     "seed": sampler_seed(sampler)},
         }
 
     def _restore(self, saved: Mapping[str, Any]) -> None:
@@ -275,9 +276,9 @@ class WeightslabTrainerCallback(TrainerCallback):
                         length, data["batches_per_epoch"])
         sampler = _sampler_of(self._loader)
         seed = data.get("seed")
-        if seed is not None and _seed_of(sampler) not in (None, seed):
-            log.info("the train sampler takes the checkpoint's seed %d (this run's was %d)", seed, _seed_of(sampler))
-            _set_seed(sampler, int(seed))  # the saved run's order of every epoch, whatever seeds this one
+        if seed is not None and sampler_seed(sampler) not in (None, seed):
+            log.info("the train sampler takes the checkpoint's seed %d (this run's was %d)", seed, sampler_seed(sampler))
+            set_sampler_seed(sampler, int(seed))  # the saved run's order of every epoch, whatever seeds this one
         trainer = self._trainer
         for attr, value in saved.get("loop", {}).items():
             if trainer is None or not hasattr(trainer, attr):
@@ -446,19 +447,3 @@ def _sampler_of(loader: Any) -> Any:
             return sampler
     sampler = getattr(loader, "sampler", None)
     return sampler if isinstance(sampler, torch.utils.data.Sampler) else None
-
-
-def _seed_of(sampler: Any) -> int | None:
-    for attr in ("initial_seed", "seed"):  # Accelerate's SeedableRandomSampler; DistributedSampler, ResumableSampler
-        value = getattr(sampler, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _set_seed(sampler: Any, seed: int) -> None:
-    for attr in ("initial_seed", "seed"):
-        if isinstance(getattr(sampler, attr, None), int):
-            setattr(sampler, attr, seed)
-            return
-
