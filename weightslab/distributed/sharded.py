@@ -349,12 +349,20 @@ def _failures(exc: Any) -> list[tuple[int, BaseException]]:
     return [(rank, wrapped[0]) for rank, wrapped in sorted(exc.failures.items())]
 
 
+def _first_weightslab_error(failures: list[tuple[int, BaseException]]) -> BaseException | None:
+    return failures[0][1] if failures and isinstance(failures[0][1], WeightslabError) else None
+
+
+def _detail(failures: list[tuple[int, BaseException]]) -> str:
+    return "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in failures)
+
+
 def _save_error(exc: Any, directory: Path) -> BaseException:
     """DCP reports every rank's failure on every rank; give them all the same weightslab error."""
     failures = _failures(exc)
-    if failures and isinstance(failures[0][1], WeightslabError):
-        return failures[0][1]
-    detail = "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in failures)
+    if (first := _first_weightslab_error(failures)) is not None:
+        return first
+    detail = _detail(failures)
     return CheckpointSaveError(f"sharded save into {directory} failed ({detail}); nothing in it may be committed. "
                                "Fix the cause and save again into a fresh directory",
                                errors=[e for _, e in failures])
@@ -362,9 +370,9 @@ def _save_error(exc: Any, directory: Path) -> BaseException:
 
 def _load_error(exc: Any, directory: Path) -> BaseException:
     failures = _failures(exc)
-    if failures and isinstance(failures[0][1], WeightslabError):
-        return failures[0][1]
-    detail = "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in failures)
+    if (first := _first_weightslab_error(failures)) is not None:
+        return first
+    detail = _detail(failures)
     return CorruptCheckpointError(f"sharded checkpoint {directory} could not be read ({detail}); the targets may "
                                   "be partly overwritten: load an earlier checkpoint", path=directory)
 
