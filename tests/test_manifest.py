@@ -237,13 +237,13 @@ def test_wrong_format_version_raises_format_version_error(tmp_path):
     body = json.loads(m.to_bytes())
     # control: re-sealing the unchanged body gives a readable manifest
     assert Manifest.from_bytes(seal(body)) == m
-    body["format_version"] = 4
+    body["format_version"] = 5
     path = tmp_path / "newer.json"
     path.write_bytes(seal(body))  # digest correct, so only the version check can fire
     with pytest.raises(FormatVersionError) as info:
         Manifest.read(path)
     msg = str(info.value)
-    assert str(path) in msg and "format_version 4" in msg and "reads versions 1, 2, 3" in msg
+    assert str(path) in msg and "format_version 5" in msg and "reads versions 1, 2, 3, 4" in msg
     assert "upgrade weightslab" in msg
     assert isinstance(info.value, ValueError) and not isinstance(info.value, CorruptCheckpointError)
 

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .errors import (ArchitectureMismatchError, CheckpointNotFoundError, CheckpointSaveError, ConfigError,
                      CorruptCheckpointError, ExperimentInUseError, FormatVersionError, HyperparamsError,
-                     InvalidMetricsError, InvalidStepError, NotRegisteredError, RankStateError, RegistrationError,
-                     StateError, WeightslabError)
+                     InvalidMetricsError, InvalidStepError, LossyCheckpointError, NotRegisteredError, RankStateError,
+                     RegistrationError, StateError, WeightslabError)
 
 # The rest is imported on first use: the command line (weightslab ls) reads a root without
 # importing torch, which costs more than a listing of 10,000 checkpoints. (The first registration
@@ -36,7 +36,7 @@ _LAZY = {
                      "register_state", "unregister"), "registration"),
     "export": "portable", "load": "portable",
     **dict.fromkeys(("gc", "name_experiment", "prune", "verify"), "maintenance"),
-    "CheckpointManager": "storage.manager", "VerifyReport": "storage.manager",
+    "CheckpointManager": "storage.manager", "VerifyReport": "storage.manager", "Archive": "storage.archive",
     **dict.fromkeys(("KeepBest", "KeepChanges", "KeepEvery", "KeepLast", "Retention"), "retention"),
     "AutomaticCheckpointSystem": "system", "CheckpointConfig": "config", "CheckpointInfo": "restorer",
     **dict.fromkeys(("checkpoint_on_config_change", "checkpoint_on_model_change", "checkpoint_on_state_change",
@@ -77,6 +77,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .restorer import CheckpointInfo
     from .maintenance import gc, name_experiment, prune, verify
     from .storage.manager import CheckpointManager, VerifyReport
+    from .storage.archive import Archive
     from .portable import export, load
     from .retention import KeepBest, KeepChanges, KeepEvery, KeepLast, Retention
     from .system import AutomaticCheckpointSystem
@@ -96,9 +97,10 @@ __all__ = [
     "on", "off", "CallbackError",
     # looking after a root
     "verify", "prune", "gc", "export", "load", "name_experiment", "VerifyReport", "Retention", "KeepLast", "KeepEvery", "KeepBest", "KeepChanges",
+    "Archive",
     # errors
     "WeightslabError", "NotRegisteredError", "RegistrationError", "HyperparamsError", "ConfigError",
     "InvalidStepError", "InvalidMetricsError", "StateError", "CheckpointNotFoundError",
     "CorruptCheckpointError", "FormatVersionError", "ArchitectureMismatchError", "CheckpointSaveError",
-    "ExperimentInUseError", "RankStateError",
+    "ExperimentInUseError", "RankStateError", "LossyCheckpointError",
 ]

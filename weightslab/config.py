@@ -19,6 +19,7 @@ from .distributed.ranks import RANK_STATE_MODES
 from .errors import ConfigError
 from .preemption import signal_numbers
 from .retention import KeepBest, Retention
+from .storage.archive import archive_of
 from .storage.remote import is_remote, staging_dir
 from .storage.root import default_location
 from .triggers import SavePolicy
@@ -95,7 +96,9 @@ class CheckpointConfig:
     #: Which checkpoints to keep, applied to the experiment after each save: a
     #: :class:`~weightslab.retention.Retention` or a dict of ``Retention.of`` arguments, e.g.
     #: ``{"keep_last": 5, "keep_best": 1, "metric": "val_loss"}``. None keeps everything. The
-    #: latest and the best are never deleted; ``wl.gc()`` reclaims the space.
+    #: latest and the best are never deleted; ``wl.gc()`` reclaims the space. With ``archive``
+    #: (``"lc"``, ``"excp"``, ``{"codec": "lc", "bits": 3}`` or a :class:`~weightslab.Archive`), what is
+    #: not kept is demoted to the lossy archive instead of deleted (guides/storage.md).
     retention: Retention | None = None
     #: How a hyperparameter file registered by path is watched for edits, applied at the next
     #: step boundary: ``"auto"`` (file-system events), ``"poll"`` (network filesystems), ``"off"``.
@@ -180,10 +183,12 @@ class CheckpointConfig:
             raise ConfigError("delta=True stores XOR deltas compressed with zstd: also pass compression='zstd'")
         if isinstance(self.retention, Mapping):
             try:
-                object.__setattr__(self, "retention", Retention.of(**self.retention))
+                settings = dict(self.retention)
+                settings["archive"] = archive_of(settings.get("archive"))
+                object.__setattr__(self, "retention", Retention.of(**settings))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"retention: {exc}; use keys keep_last, keep_every, keep_best, metric, mode, "
-                                  "keep_changes") from None
+                                  "keep_changes, archive") from None
         elif self.retention is not None and not isinstance(self.retention, Retention):
             raise ConfigError(f"retention must be a weightslab.retention.Retention, a dict of its settings or None, "
                               f"got {type(self.retention).__name__}")

@@ -20,6 +20,7 @@ __all__ = [
     "InvalidStepError",
     "InvalidMetricsError",
     "StateError",
+    "LossyCheckpointError",
     "NotARootError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
@@ -86,6 +87,16 @@ class CorruptCheckpointError(WeightslabError, ValueError):
 
 class FormatVersionError(WeightslabError, ValueError):
     """A manifest written by a newer (or unknown) on-disk format."""
+
+
+class LossyCheckpointError(WeightslabError, ValueError):
+    """A resume from a checkpoint of the lossy archive that was not accepted by name (``allow_lossy=True``).
+    ``nearest`` is the ref of the nearest exact checkpoint of its experiment, if any."""
+
+    def __init__(self, message: str, *, checkpoint: str, nearest: str | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.nearest = nearest
 
 
 class ArchitectureMismatchError(WeightslabError, ValueError):

@@ -39,6 +39,7 @@ from .failures import Failures
 from .fingerprint import ExperimentHashGenerator, Fingerprint, architecture_text, diff_architecture, diff_hyperparams
 from .ledger import Ledger
 from .provenance import now, versions
+from .storage.archive import describe_lossy
 from .storage.claim import ExperimentInUseError
 from .storage.experiment import ExperimentRecord, Parent
 from .storage.manager import CheckpointManager
@@ -372,15 +373,26 @@ class Lineage:
                                                          starting=False)
             self._adopt(branched, parent, branch=branch)
 
-    def fork(self, manifest: Manifest, *, branch: str, lines: list[str]) -> str:
+    def fork(self, manifest: Manifest, *, branch: str, lines: list[str], reason: str = "fork") -> str:
         """Branch from ``manifest`` (restored, with its overrides applied) into ``branch``'s experiment."""
         fp = self.hasher.fingerprint(self._ledger.objects("model"), self._ledger.objects("hyperparams"), branch=branch)
-        branch, target, parent = self._own(fp, Parent(manifest.experiment, manifest.step, "fork", tuple(lines)),
+        branch, target, parent = self._own(fp, Parent(manifest.experiment, manifest.step, reason, tuple(lines)),
                                            starting=True)
         self.resumed_from, self._resumed, self._rewind = manifest.ref, (manifest.experiment, manifest.step), None
         self._adopt(target, parent, branch=branch)
         self.track()
         return target.hash
+
+    def continue_lossy(self, manifest: Manifest, record: ExperimentRecord | None) -> list[str]:
+        """The run now holds the decoded values of a checkpoint of the lossy archive: it goes on in a
+        child experiment (branch ``lossy-<n>`` of the checkpoint's), whose parent (reason
+        ``"lossy_resume"``) records the lossy origin and its error bounds, which are logged."""
+        lines = [f"resumed from {manifest.ref} of the lossy archive ({describe_lossy(manifest)})"]
+        log.warning("%s: the run goes on from values that differ from the ones saved, in a child experiment",
+                    lines[0])
+        branch, _ = self._new_branch("lossy", base=record.branch if record is not None else None)
+        self.fork(manifest, branch=branch, lines=lines, reason="lossy_resume")
+        return lines
 
     @staticmethod
     def _differences(record: ExperimentRecord, fp: Fingerprint) -> list[str]:

@@ -16,13 +16,14 @@ the events thread, with the refs deleted.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError
 from .events import Pruned, Verified
 from .process import manager_for, running_system
 from .retention import Retention, RetentionPlan
 from .storage import garbage
+from .storage.archive import Archive, archive_of
 from .storage.garbage import GcReport
 from .storage.manager import VerifyReport
 from .storage.remote import is_remote
@@ -50,17 +51,21 @@ def verify(ref: str | os.PathLike[str] | None = None, *, root: str | os.PathLike
 def prune(*, keep_last: int | None = None, keep_every: int | None = None, keep_best: int | None = None,
           metric: str | None = None, mode: str = "min", keep_changes: bool = False,
           retention: Retention | None = None, experiments: Iterable[str] | None = None,
-          root: str | os.PathLike[str] | None = None, dry_run: bool = False) -> RetentionPlan:
+          root: str | os.PathLike[str] | None = None, dry_run: bool = False,
+          archive: "Archive | str | Mapping[str, Any] | None" = None) -> RetentionPlan:
     """Delete the checkpoints a retention policy does not keep (per experiment).
 
     The latest checkpoint of each experiment and the best by each ``metric`` are never deleted.
     Deleting removes manifests; run :func:`gc` to reclaim the bytes only they referenced.
+    With ``archive`` (``"lc"``, ``"excp"``, ``{"codec": "lc", "bits": 3, "max_chain": 16}`` or an
+    :class:`~weightslab.Archive`), what would be deleted is demoted to the lossy archive instead
+    (``plan.demote``; guides/storage.md).
     """
     if retention is None:
         retention = Retention.of(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best,
-                                 metric=metric, mode=mode, keep_changes=keep_changes)
-    elif any(v is not None for v in (keep_last, keep_every, keep_best, metric)) or keep_changes:
-        raise ValueError("pass either retention= or the keep_* arguments, not both")
+                                 metric=metric, mode=mode, keep_changes=keep_changes, archive=archive_of(archive))
+    elif any(v is not None for v in (keep_last, keep_every, keep_best, metric, archive)) or keep_changes:
+        raise ValueError("pass either retention= (with its archive) or the keep_* and archive arguments, not both")
     manager = manager_for(root)
     plan = manager.apply_retention(retention, experiments=experiments, dry_run=dry_run)
     running = running_system()

@@ -17,6 +17,7 @@ The file is written atomically, so an interrupted export never leaves a torn fil
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from .distributed.world import World
 from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from .process import manager_for
 from .refs import parse_ref
+from .storage.archive import describe_lossy
 from .storage.atomic import atomic_path, make_dirs, sweep_temp_files
 from .storage.layout import is_experiment_hash
 from .storage.manager import CheckpointManager
@@ -90,7 +92,12 @@ def load(ref: str | os.PathLike[str] = "latest", *, root: str | os.PathLike[str]
         {"ref": "<hash>@<step>", "experiment": hash, "step": int, "reasons": [...], "metrics": {...},
          "models": {name: {param_name: tensor}}, "model_flags": {name: {"frozen": [...], "eval": [...]}},
          "optimizers": {name: optimizer state_dict}, "schedulers": {...}, "scalers": {...},
-         "hyperparams": {name: values}, "dataloaders": {...}, "custom": {...}, "rng": {...}}
+         "hyperparams": {name: values}, "dataloaders": {...}, "custom": {...}, "rng": {...},
+         "exact": bool, "archive": {...}}
+
+    ``exact`` is False for a checkpoint of the lossy archive: its tensors are the decoded values,
+    within the errors ``archive`` records (the codec, its parameters, the largest max abs and
+    relative L2 error of a tensor); a warning says so.
 
     Values keep the types they were saved with (tuples, numpy arrays, paths, dates, torch dtypes).
     Raises :class:`~weightslab.CheckpointNotFoundError` when ``ref`` names nothing and
@@ -104,6 +111,9 @@ def load(ref: str | os.PathLike[str] = "latest", *, root: str | os.PathLike[str]
     # The first candidate, and no fallback: a damaged checkpoint is reported, never silently
     # replaced by an older one in a file the user will take for the newest.
     manifest = manager.read_manifest(entries[0])
+    if not manifest.exact:
+        log.warning("checkpoint %s is in the lossy archive: its tensors are the archived values, not the ones saved "
+                    "(%s)", manifest.ref, describe_lossy(manifest))
     tensors = load_tensors(manager, manifest)
     tensors.update(_whole_shards(manager, manifest))
     state = manifest.state
@@ -128,6 +138,7 @@ def load(ref: str | os.PathLike[str] = "latest", *, root: str | os.PathLike[str]
     for name in _SECTIONS:
         out[name] = section(name)
     out["rng"] = section("rng")
+    out["exact"], out["archive"] = manifest.exact, dict(manifest.archive)
     return out
 
 
@@ -267,7 +278,8 @@ def export(ref: str | os.PathLike[str], path: str | os.PathLike[str], *,
       the checkpoint the keys are its parameter names (``model.load_state_dict(load_file(path))``
       works); with several, ``<model>.<param>``, unless ``model=`` picks one. The metadata holds
       ``weightslab.ref``, ``weightslab.experiment``, ``weightslab.step``, ``weightslab.models``
-      and ``format: pt`` (which transformers expects).
+      and ``format: pt`` (which transformers expects); for a checkpoint of the lossy archive, also
+      ``weightslab.exact: false`` and ``weightslab.archive`` (its codec and errors, JSON).
     - ``.pt`` / ``.pth``: the whole state :func:`load` returns, in types that
       ``torch.load(path, weights_only=True)`` accepts: numpy arrays become tensors, paths and
       dates/times become strings (ISO 8601); tuples, dtypes and devices stay as they are.
@@ -298,6 +310,9 @@ def export(ref: str | os.PathLike[str], path: str | os.PathLike[str], *,
             "weightslab.step": str(state["step"]),
             "weightslab.models": ",".join(chosen),
             "weightslab.version": __version__,
+            # (a checkpoint of the lossy archive: the weights are its decoded values, within these errors)
+            **({} if state["exact"] else {"weightslab.exact": "false",
+                                          "weightslab.archive": json.dumps(state["archive"], sort_keys=True)}),
         }
 
         def write(tmp: Path) -> None:

@@ -38,7 +38,8 @@ from .distributed import sharded as _sharded
 from .distributed.job import Job
 from .distributed.sharded import is_sharded
 from .configfile import Edit, fork_edits
-from .errors import ArchitectureMismatchError, ConfigError, CorruptCheckpointError, StateError, WeightslabError
+from .errors import (ArchitectureMismatchError, ConfigError, CorruptCheckpointError, LossyCheckpointError, StateError,
+                     WeightslabError)
 from .events import Events, Load
 from .failures import Failures
 from .ledger import Entry, Ledger
@@ -46,6 +47,7 @@ from .lineage import check_record
 from .refs import parse_ref
 from .storage.experiment import ExperimentRecord
 from .storage.manager import CheckpointEntry, CheckpointManager
+from .storage.archive import describe_lossy
 from .storage.manifest import Manifest
 from .storage.shardfiles import ShardedFiles
 from .tensors import load_tensors, tag_dtype, tensor_meta
@@ -182,16 +184,20 @@ class Restorer:
         return None
 
     def load(self, ref: str | os.PathLike[str], current: Callable[[], str | None], *, fall_back: bool = True,
-             model_factory: Callable[[CheckpointInfo], Any] | None = None) -> Resolved | None:
+             model_factory: Callable[[CheckpointInfo], Any] | None = None, allow_lossy: bool = False) -> Resolved | None:
         """The checkpoint ``ref`` means, read, checked against the registered objects and loaded with
         every byte verified; nothing registered changes (but what ``model_factory`` builds: it is
         called once, with the first checkpoint whose manifest reads, before the check, and what it
         returns is registered). None when ``latest`` finds nothing. In a distributed job, every rank
-        found the same checkpoint or all raise."""
+        found the same checkpoint or all raise.
+
+        A checkpoint of the lossy archive is loaded only with ``allow_lossy``: else ``latest`` (or
+        ``@best``) passes over it for the next exact one, and an explicit ref raises
+        :class:`LossyCheckpointError` naming the nearest exact checkpoint."""
         prepare = None if model_factory is None else (lambda resolved: self.register_built(model_factory, resolved))
         found, error = None, None
         try:
-            found = self._load(ref, current, fall_back=fall_back, prepare=prepare)
+            found = self._load(ref, current, fall_back=fall_back, prepare=prepare, allow_lossy=allow_lossy)
         except Exception as exc:  # noqa: BLE001 - raised by agree_on_checkpoint, once the other ranks know
             if not self._job.distributed:
                 raise
@@ -200,14 +206,22 @@ class Restorer:
         return found
 
     def _load(self, ref: str | os.PathLike[str], current: Callable[[], str | None], *, fall_back: bool,
-              prepare: Callable[[Resolved], None] | None) -> Resolved | None:
+              prepare: Callable[[Resolved], None] | None, allow_lossy: bool = False) -> Resolved | None:
         entries, may_fall_back = self._candidates(ref, current)
         if not entries:
             return None
         damaged: list[str] = []
+        lossy: LossyCheckpointError | None = None
         for entry in entries:
             try:
                 resolved = self._read(entry)
+                if not resolved.manifest.exact and not allow_lossy:
+                    refusal = self._refuse_lossy(resolved.manifest)
+                    if not (may_fall_back and fall_back):
+                        raise refusal
+                    log.info("passing over %s: it is in the lossy archive; looking for an exact checkpoint", entry.ref)
+                    lossy = lossy or refusal
+                    continue
                 if prepare is not None:
                     prepare(resolved)
                     prepare = None
@@ -228,7 +242,21 @@ class Restorer:
                     raise
                 damaged.append(f"{entry.ref}: {exc}")
                 log.warning("checkpoint %s is damaged (%s); falling back to the previous one", entry.ref, exc)
+        if lossy is not None and not damaged:
+            raise lossy
         raise CorruptCheckpointError("no checkpoint of %s verifies:\n  %s" % (ref, "\n  ".join(damaged)))
+
+    def _refuse_lossy(self, manifest: Manifest) -> LossyCheckpointError:
+        """The error of a resume from an archived checkpoint not accepted by name: what it is, its
+        error bounds, the nearest exact checkpoint and the flag that accepts it."""
+        exact = [r for r in self._manager.records([manifest.experiment]) if r.exact]
+        nearest = min(exact, key=lambda r: (abs(r.step - manifest.step), -r.step)).ref if exact else None
+        return LossyCheckpointError(
+            f"checkpoint {manifest.ref} is in the lossy archive ({describe_lossy(manifest)}): resuming it would not "
+            "continue the run exactly. "
+            + (f"Resume the nearest exact checkpoint, {nearest!r}, or " if nearest else "")
+            + f"pass allow_lossy=True to resume({manifest.ref!r}) to accept its values (the run continues in a "
+            "child experiment that records the lossy origin)", checkpoint=manifest.ref, nearest=nearest)
 
     # --- restoring -----------------------------------------------------------------------------
     def restore(self, resolved: Resolved, *, rank_state: str | None = None, kind: str = "resume") -> Restored:
@@ -238,7 +266,7 @@ class Restorer:
         self._events.emit("before_load", resolved.event("before_load", kind))
         manifest = resolved.manifest
         assert resolved.tensors is not None, "load() the checkpoint before restoring it"
-        digests = {key: entry.blob.digest for key, entry in manifest.tensors.items()}
+        digests = {key: entry.content for key, entry in manifest.tensors.items()}
         try:
             tree, notes = _ranks.view(manifest.state, rank=self._job.rank, world_size=self._job.size,
                                       digests=digests, mode=rank_state or self._rank_state)

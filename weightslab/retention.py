@@ -14,6 +14,13 @@ checkpoints of each experiment are never deleted:
 
 A retention with no policies keeps everything (and :attr:`Retention.keeps_everything` says so): an
 empty configuration must never mean "delete all but the latest".
+
+A retention with an ``archive`` (:class:`~weightslab.storage.archive.Archive`: which lossy codec, how
+long a chain) demotes instead of deleting: what no policy keeps is re-encoded into the lossy archive
+tier, each checkpoint as closed-loop deltas against the one before it, in chains that start at an
+exact checkpoint and hold at most ``archive.max_chain`` links. The newest ``archive.ring``
+checkpoints of each experiment always stay exact (a resume needs them), and so does the oldest when
+no exact checkpoint precedes it (a chain needs an exact start). What is already archived stays.
 """
 
 from __future__ import annotations
@@ -21,15 +28,19 @@ from __future__ import annotations
 import math
 import numbers
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from .triggers import REASONS
 
+if TYPE_CHECKING:  # (the archive's settings live with its codecs, in the storage layer; planning needs two ints)
+    from .storage.archive import Archive
+
 __all__ = [
     "CheckpointRecord",
+    "Demotion",
     "KeepLast",
     "KeepEvery",
     "KeepBest",
@@ -40,10 +51,13 @@ __all__ = [
     "CHANGE_REASONS",
     "KEEP_ALL_LABEL",
     "LATEST_LABEL",
+    "RING_LABEL",
+    "ANCHOR_LABEL",
+    "ARCHIVED_LABEL",
 ]
 
 #: The checkpoint reasons that mark a change of the run (kept by :class:`KeepChanges`), in report order.
-CHANGE_REASONS = tuple(r for r in REASONS if r in {"fork", "config_change", "model_change", "resume_with_changes",
+CHANGE_REASONS = tuple(r for r in REASONS if r in {"fork", "config_change", "model_change", "resume_with_changes", "lossy_resume",
                                                    "state_change"})
 
 _MODES = ("min", "max")
@@ -72,6 +86,11 @@ class CheckpointRecord:
     created_ns: int
     reasons: tuple[str, ...] = ()
     metrics: Mapping[str, float] = field(default_factory=dict, hash=False)
+    #: False for a checkpoint of the lossy archive tier; ``chain`` is then its longest chain of lossy links
+    exact: bool = True
+    chain: int = 0
+    #: False for what cannot be archived (tensors sharded across ranks, in their own files)
+    archivable: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.experiment, str) or not self.experiment:
@@ -103,6 +122,12 @@ class CheckpointRecord:
                 raise ValueError(f"CheckpointRecord {self.ref}: metric {name!r} must be a real number "
                                  f"(NaN allowed), got {value!r}")
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
+        if not isinstance(self.exact, bool) or not isinstance(self.archivable, bool):
+            raise ValueError(f"CheckpointRecord {self.ref}: exact and archivable must be True or False, got "
+                             f"{self.exact!r} and {self.archivable!r}")
+        if not _is_int(self.chain) or self.chain < 0 or (self.chain == 0) != self.exact:
+            raise ValueError(f"CheckpointRecord {self.ref}: chain must be 0 for an exact checkpoint and 1 or more for "
+                             f"an archived one, got chain={self.chain!r} with exact={self.exact!r}")
 
     @property
     def ref(self) -> str:
@@ -222,6 +247,26 @@ _POLICY_TYPES = (KeepLast, KeepEvery, KeepBest, KeepChanges)
 KEEP_ALL_LABEL = "keep all"
 #: Why the latest checkpoint of each experiment is kept, whatever the policies.
 LATEST_LABEL = "latest"
+#: Why the newest checkpoints stay exact when a retention archives.
+RING_LABEL = "resume ring"
+#: Why a checkpoint no policy keeps stays exact: the chains of the archived ones after it start there.
+ANCHOR_LABEL = "archive anchor"
+#: Why a checkpoint already in the lossy archive is kept.
+ARCHIVED_LABEL = "archived"
+
+
+@dataclass(frozen=True)
+class Demotion:
+    """One checkpoint to re-encode into the lossy archive: against ``base`` (the checkpoint before it,
+    exact or archived), as link ``chain`` of its chain (1: ``base`` is exact)."""
+
+    record: CheckpointRecord
+    base: CheckpointRecord
+    chain: int
+
+    @property
+    def ref(self) -> str:
+        return self.record.ref
 
 
 @dataclass(frozen=True)
@@ -230,11 +275,18 @@ class RetentionPlan:
 
     ``keep`` and ``delete`` are ordered by experiment, then ``created_ns``, then ``step``; ``why`` maps
     the ref of every kept checkpoint (and only those) to its reasons, in policy order, ``"latest"`` last.
+    ``demote`` (with an archive) lists, in the order they must be carried out, the checkpoints to
+    re-encode into the lossy archive; they are in ``keep`` too, with the reason ``"archived"``.
     """
 
     keep: tuple[CheckpointRecord, ...]
     delete: tuple[CheckpointRecord, ...]
     why: Mapping[str, tuple[str, ...]] = field(hash=False)
+    demote: tuple[Demotion, ...] = ()
+
+    @property
+    def demote_refs(self) -> tuple[str, ...]:
+        return tuple(d.ref for d in self.demote)
 
     @property
     def keep_refs(self) -> tuple[str, ...]:
@@ -249,10 +301,12 @@ class RetentionPlan:
 class Retention:
     """Keep a checkpoint if ANY policy keeps it, per experiment; never delete the latest or a best.
 
-    No policies: keep everything (see :meth:`keep_all`).
+    No policies: keep everything (see :meth:`keep_all`). With an ``archive``, demote what would be
+    deleted (see the module's docstring).
     """
 
     policies: tuple[Policy, ...] = ()
+    archive: "Archive | None" = None
 
     def __post_init__(self) -> None:
         if isinstance(self.policies, (str, bytes)) or not isinstance(self.policies, Iterable):
@@ -264,6 +318,11 @@ class Retention:
                 raise ValueError(f"Retention: {p!r} is not a retention policy; expected instances of "
                                  f"{', '.join(t.__name__ for t in _POLICY_TYPES)}")
         object.__setattr__(self, "policies", policies)
+        if self.archive is not None:
+            ring, chain = getattr(self.archive, "ring", None), getattr(self.archive, "max_chain", None)
+            if not (_is_int(ring) and ring >= 2 and _is_int(chain) and chain >= 1):
+                raise ValueError(f"Retention: archive must be a weightslab Archive (its ring at least 2, its "
+                                 f"max_chain at least 1), such as Archive.of('lc'), got {self.archive!r}")
 
     @classmethod
     def keep_all(cls) -> Retention:
@@ -272,7 +331,8 @@ class Retention:
 
     @classmethod
     def of(cls, *, keep_last: int | None = None, keep_every: int | None = None, keep_best: int | None = None,
-           metric: str | None = None, mode: str = "min", keep_changes: bool = False) -> Retention:
+           metric: str | None = None, mode: str = "min", keep_changes: bool = False,
+           archive: "Archive | None" = None) -> Retention:
         """A retention from plain values (a config file, a command line); all None/False: keep everything.
 
         Policies come in this order: keep_last, keep_every, keep_best, keep_changes.
@@ -297,7 +357,7 @@ class Retention:
             policies.append(KeepBest(k=keep_best, metric=metric, mode=mode))  # type: ignore[arg-type]
         if keep_changes:
             policies.append(KeepChanges())
-        return cls(policies=tuple(policies))
+        return cls(policies=tuple(policies), archive=archive)
 
     @property
     def keeps_everything(self) -> bool:
@@ -321,6 +381,7 @@ class Retention:
 
         keep: list[CheckpointRecord] = []
         delete: list[CheckpointRecord] = []
+        demote: list[Demotion] = []
         why: dict[str, tuple[str, ...]] = {}
         for experiment in sorted(by_experiment):
             group = sorted(by_experiment[experiment], key=_order_key)
@@ -343,6 +404,8 @@ class Retention:
                     if ranked:
                         add(ranked[0].ref, (policy.best_label,))
             add(group[-1].ref, (LATEST_LABEL,))
+            if self.archive is not None:
+                demote += self._archive(group, labels, add)
 
             for r in group:
                 if r.ref in labels:
@@ -350,4 +413,39 @@ class Retention:
                     why[r.ref] = tuple(labels[r.ref])
                 else:
                     delete.append(r)
-        return RetentionPlan(keep=tuple(keep), delete=tuple(delete), why=MappingProxyType(why))
+        return RetentionPlan(keep=tuple(keep), delete=tuple(delete), why=MappingProxyType(why), demote=tuple(demote))
+
+    def _archive(self, group: list[CheckpointRecord], labels: Mapping[str, object],
+                 add: "Callable[[str, Iterable[str]], None]") -> list[Demotion]:
+        """The demotions of one experiment (``group``, oldest first), labelling what stays: the ring,
+        what is archived already, the exact start of a chain. Each checkpoint no policy keeps is
+        encoded against the one before it, continuing that one's chain while it is shorter than
+        ``max_chain``, else starting a new chain at the nearest exact checkpoint before it."""
+        assert self.archive is not None
+        for r in group[-self.archive.ring:]:
+            add(r.ref, (RING_LABEL,))
+        out: list[Demotion] = []
+        before: CheckpointRecord | None = None  # the previous checkpoint that stays, as it will be
+        exact: CheckpointRecord | None = None  # the nearest exact one before
+        for r in group:
+            if r.ref in labels or not r.exact:
+                if not r.exact:
+                    add(r.ref, (ARCHIVED_LABEL,))
+                before, exact = r, (r if r.exact else exact)
+                continue
+            if not r.archivable:
+                continue  # deleted, as without an archive
+            if before is not None and (before.exact or before.chain < self.archive.max_chain):
+                base = before
+            else:
+                base = exact
+            if base is None:  # nothing exact before it: it stays exact, the start of the chains after it
+                add(r.ref, (ANCHOR_LABEL,))
+                before = exact = r
+                continue
+            chain = 1 if base.exact else base.chain + 1
+            out.append(Demotion(record=r, base=base, chain=chain))
+            add(r.ref, (ARCHIVED_LABEL,))
+            before = CheckpointRecord(experiment=r.experiment, step=r.step, created_ns=r.created_ns, reasons=r.reasons,
+                                      metrics=r.metrics, exact=False, chain=chain)
+        return out

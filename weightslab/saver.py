@@ -52,7 +52,7 @@ from .snapshot import Snapshot, Snapshotter
 from .storage.claim import Claims, ExperimentInUseError
 from .storage.experiment import ExperimentRecord
 from .storage.manager import CheckpointManager, SaveRequest
-from .storage.manifest import Manifest
+from .storage.manifest import Manifest, TensorEntry
 from .storage.names import check_new_name
 from .tensors import blob_of, dtype_tag
 from .writer import Writer
@@ -434,7 +434,9 @@ class Saver:
         save stores what changed as deltas against them. The checkpoint counts as taken by this run."""
         self.mark_saved(manifest.experiment, manifest.step)
         self._latest = None  # (a change forced at that step is not this run's to put into it)
-        refs = {k: e.blob for k, e in manifest.tensors.items() if k.startswith(("models/", "optimizers/"))}
+        # (an archived tensor is not the bytes of any blob: a lossless delta is never stored against it)
+        refs = {k: e.blob for k, e in manifest.tensors.items()
+                if isinstance(e, TensorEntry) and k.startswith(("models/", "optimizers/"))}
         self._manager.remember({k: blob_of(k, loaded[k]) for k in refs if k in loaded}, refs)
 
     # --- waiting ----------------------------------------------------------------------------------

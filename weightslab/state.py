@@ -120,7 +120,18 @@ def capture_replicated(ledger: Ledger, *, step: int) -> Captured:
         name: enc(_hp.to_plain(obj, where=f"hyperparameters {name!r}"), f"hyperparams/{name}",
                   f"hyperparameters {name!r}")
         for name, obj in ledger.objects("hyperparams").items()}
+    tree["parameters"] = _parameter_keys(ledger, tensors)
     return Captured(tree=tree, tensors=tensors, step_only=_step_only(ledger, tensors))
+
+
+def _parameter_keys(ledger: Ledger, tensors: Mapping[str, torch.Tensor]) -> dict[str, list[str | None]]:
+    """``{optimizer: [tensor key of the model parameter in each of its state slots, or None]}``: a
+    state dict numbers parameters in the order of its param groups, and says nothing of which is
+    which. The lossy archive encodes a parameter's weight and moments together (ExCP's joint
+    shrinking); restoring never reads it."""
+    key_of = {id(t): k for k, t in tensors.items() if k.startswith("models/")}
+    return {name: [key_of.get(id(p)) for group in opt.param_groups for p in group["params"]]
+            for name, opt in ledger.objects("optimizer").items()}
 
 
 def _model_tree(name: str, model: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -401,8 +401,8 @@ class AutomaticCheckpointSystem:
             self._saver.wait()
             return self._restorer.peek(ref, self._lineage.current_hash)
 
-    def resume(self, ref: str | os.PathLike[str] = "latest", *,
-               model_factory: Callable[[CheckpointInfo], Any] | None = None, rank_state: str | None = None) -> int:
+    def resume(self, ref: str | os.PathLike[str] = "latest", *, model_factory: Callable[[CheckpointInfo], Any] | None = None,
+               rank_state: str | None = None, allow_lossy: bool = False) -> int:
         """Restore every registered object from ``ref`` (RNG last) and return the step restored.
 
         ``ref`` is ``"latest"`` (the newest checkpoint of this run's lineage: the experiment the
@@ -422,20 +422,24 @@ class AutomaticCheckpointSystem:
         loader position and custom state. On another number of ranks, loader positions are resharded
         and the rest restored when it was the same on every saved rank; otherwise
         :class:`RankStateError` lists it, unless ``rank_state="rank0"`` gives every rank rank 0's.
+        An archived (lossy) checkpoint raises :class:`LossyCheckpointError` naming the nearest exact one, unless
+        ``allow_lossy=True``: then the run goes on in a child experiment (reason ``lossy_resume``).
         """
         with self._lock:
             self._check_open()
             self._saver.wait()
             self._auto_resume_due = False  # resumed (or chose not to) explicitly: no automatic resume
-            resolved = self._restorer.load(ref, self._lineage.current_hash, model_factory=model_factory)
+            resolved = self._restorer.load(ref, self._lineage.current_hash, model_factory=model_factory,
+                                           allow_lossy=allow_lossy)
             if resolved is None:
                 self._lineage.start_fresh(str(self.root))
                 return 0
+            follow = self._lineage.continue_from if resolved.manifest.exact else self._lineage.continue_lossy
             with self._restore(resolved, rank_state=rank_state):
-                lines = self._lineage.continue_from(resolved.manifest, resolved.record)
+                lines = follow(resolved.manifest, resolved.record)
             if lines is not None:
-                self._save(resolved.step, ("resume_with_changes",), [{"kind": "resume_with_changes", "diff": lines}],
-                           None)
+                reason = "resume_with_changes" if resolved.manifest.exact else "lossy_resume"
+                self._save(resolved.step, (reason,), [{"kind": reason, "diff": lines}], None)
             return resolved.step
 
     def fork(self, ref: str | os.PathLike[str], *, name: str | None = None, **overrides: Any) -> int:

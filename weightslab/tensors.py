@@ -80,7 +80,7 @@ def load_tensors(manager: "CheckpointManager", manifest: "Manifest") -> dict[str
     aliases: list[tuple[str, str]] = []
     tensors: dict[str, torch.Tensor] = {}
     for key, entry in manifest.tensors.items():
-        ident = (entry.blob.digest, entry.dtype, entry.shape)
+        ident = (entry.content, entry.dtype, entry.shape)
         if ident in first:
             aliases.append((key, first[ident]))
             continue

@@ -13,8 +13,8 @@ from typing import Iterable
 __all__ = ["SavePolicy", "REASONS"]
 
 #: Every reason a checkpoint can carry, in the order they are reported.
-REASONS = ("fork", "model_change", "config_change", "resume_with_changes", "state_change", "preempt", "step",
-           "time", "exit", "manual")
+REASONS = ("fork", "model_change", "config_change", "resume_with_changes", "lossy_resume", "state_change", "preempt",
+           "step", "time", "exit", "manual")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: Kept in ``PRAGMA user_version``; an index of another version is deleted and rebuilt.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: How long a refresh waits for another process's write transaction (they last milliseconds).
 BUSY_TIMEOUT_SECONDS = 10.0
@@ -91,7 +91,8 @@ _SCHEMA: tuple[str, ...] = (
         created_ns INTEGER NOT NULL,
         reasons TEXT NOT NULL,
         nbytes INTEGER NOT NULL,
-        superseded INTEGER NOT NULL
+        superseded INTEGER NOT NULL,
+        chain INTEGER NOT NULL
     )""",
     "CREATE INDEX checkpoints_by_experiment ON checkpoints (experiment, step)",
     "CREATE INDEX checkpoints_by_time ON checkpoints (created_ns, step)",
@@ -119,7 +120,8 @@ _SCHEMA: tuple[str, ...] = (
         first_step INTEGER,
         last_step INTEGER,
         bytes_alone INTEGER NOT NULL,
-        dropped INTEGER NOT NULL
+        dropped INTEGER NOT NULL,
+        archived INTEGER NOT NULL
     ) WITHOUT ROWID""",
     """CREATE TABLE best (
         experiment TEXT NOT NULL,
@@ -133,10 +135,10 @@ _SCHEMA: tuple[str, ...] = (
 _TABLES = ("experiments", "names", "checkpoints", "metrics", "blobs", "summary", "best")
 
 _SUMMARY = """
-INSERT INTO summary (experiment, checkpoints, first_step, last_step, bytes_alone, dropped)
-SELECT c.experiment, c.n, c.first_step, c.last_step, COALESCE(a.bytes_alone, 0), c.dropped
+INSERT INTO summary (experiment, checkpoints, first_step, last_step, bytes_alone, dropped, archived)
+SELECT c.experiment, c.n, c.first_step, c.last_step, COALESCE(a.bytes_alone, 0), c.dropped, c.archived
 FROM (SELECT experiment, COUNT(*) AS n, MIN(step) AS first_step, MAX(step) AS last_step,
-             SUM(superseded) AS dropped
+             SUM(superseded) AS dropped, SUM(chain > 0) AS archived
       FROM checkpoints GROUP BY experiment) AS c
 LEFT JOIN (
     -- a blob is an experiment's alone when every checkpoint referencing it belongs to it
@@ -157,7 +159,7 @@ WHERE m.value IS NOT NULL
 GROUP BY c.experiment, m.name
 """
 
-_CHECKPOINT_COLUMNS = "c.id, c.experiment, c.step, c.created_ns, c.reasons, c.nbytes, c.path"
+_CHECKPOINT_COLUMNS = "c.id, c.experiment, c.step, c.created_ns, c.reasons, c.nbytes, c.path, c.chain"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +177,7 @@ class ExperimentRow:
     checkpoints: int
     bytes_alone: int  # stored bytes only its checkpoints reference: what deleting it would free
     dropped: int  # saves replaced before they were written (backpressure="latest"), as recorded
+    archived: int  # of its checkpoints, those demoted to the lossy archive
     best: dict[str, float]  # lowest value of each metric its checkpoints record (NaN ignored)
     highest: dict[str, float]  # highest value of each (for metrics where higher is better)
 
@@ -190,10 +193,15 @@ class CheckpointRow:
     metrics: dict[str, float]  # NaN stays NaN here
     nbytes: int  # stored bytes of its tensors
     path: str
+    chain: int = 0  # 0: exact; else archived, with chains of up to this many lossy links
 
     @property
     def ref(self) -> str:
         return f"{self.experiment}@{self.step}"
+
+    @property
+    def exact(self) -> bool:
+        return self.chain == 0
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,7 @@ class _Indexed:
     reasons: str  # JSON list
     nbytes: int
     superseded: int  # older saves this checkpoint replaced before they were written
+    chain: int  # 0: exact; else the longest chain of lossy links of its archived tensors
     metrics: tuple[tuple[str, float | None], ...]
     blobs: tuple[tuple[str, int], ...]
 
@@ -279,14 +288,16 @@ def _read_manifest(path: Path, experiment: str, key: str) -> _Indexed:
     manifest = Manifest.from_bytes(data, path=path)  # (every field checked: steps and sizes fit an INTEGER)
     blobs: dict[str, int] = {}
     for tensor in manifest.tensors.values():
-        for ref in tensor.blob.chain():  # a delta needs its base: deleting it would not free the base
+        for ref in tensor.blobs():  # a delta needs its base: deleting it would not free the base
             blobs[ref.digest] = ref.nbytes
     if manifest.total_bytes > MAX_COUNT:
         raise CorruptCheckpointError(f"manifest {path} records {manifest.total_bytes:,} bytes of tensors, more than "
                                      "any root holds; it was damaged or edited", path=path)
     return _Indexed(path=key, mtime_ns=st.st_mtime_ns, size=st.st_size, experiment=experiment,
                     step=manifest.step, created_ns=manifest.created_ns, reasons=json.dumps(list(manifest.reasons)),
-                    nbytes=manifest.total_bytes, superseded=_superseded(manifest), metrics=_metrics(manifest),
+                    nbytes=manifest.total_bytes, superseded=_superseded(manifest),
+                    chain=max((len(t.links) for t in manifest.tensors.values() if not t.exact), default=0),
+                    metrics=_metrics(manifest),
                     blobs=tuple(blobs.items()))
 
 
@@ -599,9 +610,9 @@ class Catalog:
         for entry in inserts:
             cur = db.execute(
                 "INSERT INTO checkpoints (path, mtime_ns, size, experiment, step, created_ns, reasons, nbytes, "
-                "superseded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "superseded, chain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (entry.path, entry.mtime_ns, entry.size, entry.experiment, entry.step, entry.created_ns,
-                 entry.reasons, entry.nbytes, entry.superseded))
+                 entry.reasons, entry.nbytes, entry.superseded, entry.chain))
             cid = cur.lastrowid
             db.executemany("INSERT INTO metrics (checkpoint_id, name, value) VALUES (?, ?, ?)",
                            [(cid, name, value) for name, value in entry.metrics])
@@ -639,14 +650,15 @@ class Catalog:
             highest.setdefault(h, {})[metric] = float(high)
         rows = db.execute(
             "SELECT e.hash, e.parent, e.reason, e.branch, e.created, s.first_step, s.last_step, "
-            "COALESCE(s.checkpoints, 0), COALESCE(s.bytes_alone, 0), COALESCE(s.dropped, 0) "
+            "COALESCE(s.checkpoints, 0), COALESCE(s.bytes_alone, 0), COALESCE(s.dropped, 0), "
+            "COALESCE(s.archived, 0) "
             "FROM experiments AS e LEFT JOIN summary AS s ON s.experiment = e.hash "
             "ORDER BY e.created IS NULL, e.created, e.hash")
         return [ExperimentRow(hash=h, names=tuple(names.get(h, ())), parent=parent, reason=reason, branch=branch,
                               created=created, first_step=first, last_step=last, checkpoints=int(n),
-                              bytes_alone=int(alone), dropped=int(dropped), best=best.get(h, {}),
-                              highest=highest.get(h, {}))
-                for h, parent, reason, branch, created, first, last, n, alone, dropped in rows]
+                              bytes_alone=int(alone), dropped=int(dropped), archived=int(archived),
+                              best=best.get(h, {}), highest=highest.get(h, {}))
+                for h, parent, reason, branch, created, first, last, n, alone, dropped, archived in rows]
 
     def checkpoints(self, experiment: str | None = None) -> list[CheckpointRow]:
         """The committed checkpoints of the root, or of one experiment (its hash, or a name of it),
@@ -693,7 +705,7 @@ class Catalog:
         return found[0] if found else experiment
 
     def _row(self, row: Sequence[Any], metrics: dict[str, float]) -> CheckpointRow:
-        _cid, experiment, step, created_ns, reasons, nbytes, path = row
+        _cid, experiment, step, created_ns, reasons, nbytes, path, chain = row
         return CheckpointRow(experiment=experiment, step=int(step), created_ns=int(created_ns),
                              reasons=tuple(json.loads(reasons)), metrics=metrics, nbytes=int(nbytes),
-                             path=str(self.layout.root / path))
+                             path=str(self.layout.root / path), chain=int(chain))

@@ -197,9 +197,11 @@ def cmd_ls(args: argparse.Namespace, out: Out) -> int:
     for r in rows:
         best = _pick_metric(r, args.metric)
         steps = "-" if r.first_step is None else f"{r.first_step}-{r.last_step}"
-        # CKPTS: committed, and "+N" saves replaced before they were written (backpressure="latest")
+        # CKPTS: committed ("~N": N of them in the lossy archive), and "+N" saves replaced before they
+        # were written (backpressure="latest")
+        count = str(r.checkpoints) + (f"~{r.archived}" if r.archived else "") + (f"+{r.dropped}" if r.dropped else "")
         table.append([_short(r.hash), ",".join(r.names) or "-", _short_ref(r.parent), r.reason or "-", steps,
-                      f"{r.checkpoints}+{r.dropped}" if r.dropped else str(r.checkpoints), _size(r.bytes_alone),
+                      count, _size(r.bytes_alone),
                       f"{best[0]} {_number(best[1])}" if best else "-"])
         table[-1][3] = _REASONS.get(table[-1][3], table[-1][3])
     _table(out, ["HASH", "NAME", "PARENT", "REASON", "STEPS", "CKPTS", "ALONE", "BEST"], table,
@@ -234,7 +236,8 @@ def cmd_log(args: argparse.Namespace, out: Out) -> int:
         out.json([{"hash": h, "names": list(rows[h].names), "parent": rows[h].parent, "reason": rows[h].reason,
                    "changes": list(records[h].parent.changes) if records[h] and records[h].parent else [],
                    "children": [c for c in children.get(h, []) if c in records],
-                   "steps": [rows[h].first_step, rows[h].last_step], "checkpoints": rows[h].checkpoints}
+                   "steps": [rows[h].first_step, rows[h].last_step], "checkpoints": rows[h].checkpoints,
+                   "archived": rows[h].archived}
                   for h in records])
         return 0
 
@@ -244,6 +247,7 @@ def cmd_log(args: argparse.Namespace, out: Out) -> int:
         names = f" ({', '.join(r.names)})" if r.names else ""
         steps = "no checkpoints" if r.first_step is None else \
             f"steps {r.first_step}-{r.last_step}, {r.checkpoints} checkpoint{'s' * (r.checkpoints != 1)}" + \
+            (f" ({r.archived} in the lossy archive)" if r.archived else "") + \
             (f" ({r.dropped} replaced by newer saves)" if r.dropped else "")
         text = _cut(f"{prefix}{branch}* {_short(h)}{names}  {steps}", WIDTH)
         out.line(text.replace(f"* {_short(h)}", f"* {out.paint(_short(h), '33')}", 1))
@@ -283,7 +287,7 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     names = [n for n, h in read_names(manager.layout).items() if h == manifest.experiment]
     from .. import codec
     metrics = codec.decode(dict(manifest.metrics), {})
-    raw = sum(t.blob.size for t in manifest.tensors.values())
+    raw = sum(t.size for t in manifest.tensors.values())
     models: dict[str, int] = {}
     for key, t in manifest.tensors.items():
         if key.startswith("models/"):
@@ -295,7 +299,9 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
         "tensors": len(manifest.tensors), "stored_bytes": manifest.total_bytes, "raw_bytes": raw,
         "parent": record.parent.to_json() if record and record.parent else None,
         "branch": record.branch if record else None, "hyperparams": _hyperparams(manifest),
-        "parameters": models, "path": str(entry.path),
+        "parameters": models, "path": str(entry.path), "exact": manifest.exact, "archive": dict(manifest.archive),
+        "errors": {k: {"max_abs": t.max_abs, "rel_l2": t.rel_l2, "links": len(t.links)}
+                   for k, t in manifest.tensors.items() if not t.exact},
     }
     if args.json:
         out.json(info)
@@ -306,6 +312,15 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     if metrics:
         out.line(_cut("metrics     " + ", ".join(f"{k}={_number(float(v))}" for k, v in metrics.items()), WIDTH))
     out.line(f"tensors     {len(manifest.tensors)}, {_size(manifest.total_bytes)} stored ({_size(raw)} raw)")
+    if not manifest.exact:
+        from ..storage.archive import describe_lossy
+        out.line(out.paint(_cut(f"exact       no: lossy archive, {describe_lossy(manifest)}", WIDTH), "33"))
+        out.line(_cut(f"              demoted {manifest.archive.get('demoted', '?')}, against "
+                      f"{manifest.archive.get('base', '?')}; resume it with allow_lossy=True", WIDTH))
+        worst = sorted(((t.rel_l2, k, t) for k, t in manifest.tensors.items() if not t.exact), reverse=True)
+        for _, key, t in worst[:5]:
+            out.line(_cut(f"              {key}: max abs {t.max_abs:.3g}, rel L2 {t.rel_l2:.3g}, {len(t.links)} links",
+                          WIDTH))
     if record and record.parent:
         out.line(_cut(f"parent      {record.parent.ref} ({record.parent.reason})", WIDTH))
         for change in record.parent.changes:
@@ -340,7 +355,7 @@ def _tensor_changes(manager: Any, a: Any, b: Any) -> list[tuple[str, float | Non
         if x.shape != y.shape:
             out.append((key, None))
             continue
-        if a.tensors[key].blob.digest == b.tensors[key].blob.digest:
+        if a.tensors[key].content == b.tensors[key].content:
             out.append((key, 0.0))
             continue
         x64, y64 = x.to(torch.float64), y.to(torch.float64)
@@ -438,7 +453,7 @@ def _bytes_only_in(manager: Any, deleted: Sequence[str], kept: Sequence[str]) ->
         found: dict[str, int] = {}
         for ref in refs:
             for t in manager.read_manifest(_entry(manager, ref)).tensors.values():
-                for blob in t.blob.chain():
+                for blob in t.blobs():
                     found[blob.digest] = blob.nbytes
         return found
     gone, stay = blobs(deleted), blobs(kept)
@@ -453,23 +468,52 @@ def cmd_prune(args: argparse.Namespace, out: Out) -> int:
                        "--keep-changes", 2)
     try:
         retention = Retention.of(keep_last=args.keep_last, keep_every=args.keep_every, keep_best=args.keep_best,
-                                 metric=args.metric, mode=args.mode, keep_changes=args.keep_changes)
+                                 metric=args.metric, mode=args.mode, keep_changes=args.keep_changes,
+                                 archive=_archive(args))
     except ValueError as exc:
         raise CliError(str(exc), 2) from None
     plan = manager.apply_retention(retention, dry_run=True)
     freed = _bytes_only_in(manager, plan.delete_refs, plan.keep_refs)
-    if not args.dry_run and plan.delete:
+    if not args.dry_run and (plan.delete or plan.demote):
         plan = manager.apply_retention(retention)  # (on a remote root, the bucket's commit objects go first)
     if args.json:
         out.json({"dry_run": args.dry_run, "delete": list(plan.delete_refs), "keep": {r: list(plan.why.get(r, ()))
-                  for r in plan.keep_refs}, "bytes_freed_by_gc": freed})
+                  for r in plan.keep_refs}, "archive": list(plan.demote_refs), "bytes_freed_by_gc": freed})
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     out.line(f"{verb} {len(plan.delete)} of {len(plan.delete) + len(plan.keep)} checkpoints; `weightslab gc` then "
              f"frees {_size(freed)}")
     for ref in plan.delete_refs:
         out.line(f"  - {ref}")
+    if retention.archive is not None:
+        verb = "would archive" if args.dry_run else "archived"
+        out.line(f"{verb} {len(plan.demote)} with {retention.archive.describe()}; `weightslab gc` then frees the "
+                 "exact bytes only they held")
+        for demotion in plan.demote:
+            out.line(f"  ~ {demotion.ref} (against {demotion.base.ref}, link {demotion.chain})")
     return 0
+
+
+def _archive(args: argparse.Namespace) -> Any:
+    """The archive ``prune --archive CODEC [--bits N] [--codec-param K=V ...]`` asks for, or None."""
+    settings: dict[str, Any] = {}
+    for item in args.codec_param or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--codec-param {item!r}: expected KEY=VALUE, such as bits=3", 2)
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
+    if args.bits is not None:
+        settings["bits"] = args.bits
+    if args.archive is None:
+        if settings or args.max_chain is not None or args.optimizer is not None:
+            raise CliError("--bits, --codec-param, --max-chain and --optimizer set up the lossy archive: add "
+                           "--archive lc or --archive excp", 2)
+        return None
+    from ..storage.archive import Archive
+    return Archive.of(args.archive, max_chain=args.max_chain or 16, optimizer=args.optimizer or "lossy", **settings)
 
 
 # --- export, resume-info, reindex ----------------------------------------------------------------------
@@ -578,6 +622,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", choices=("min", "max"), default="min")
     sp.add_argument("--keep-changes", action="store_true", help="keep checkpoints taken on a change")
     sp.add_argument("--dry-run", action="store_true", help="only say what would go")
+    sp.add_argument("--archive", choices=("lc", "excp"), help="demote what would be deleted to the lossy archive "
+                    "with this codec instead (guides/storage.md)")
+    sp.add_argument("--bits", type=int, help="the codec's bits (lc: 2**bits - 1 buckets; excp: quantization levels)")
+    sp.add_argument("--codec-param", action="append", metavar="KEY=VALUE", help="another parameter of the codec")
+    sp.add_argument("--max-chain", type=int, help="the longest chain of lossy links (default 16)")
+    sp.add_argument("--optimizer", choices=("lossy", "exact"), help="archive optimizer state too (lossy, the "
+                    "default) or keep it exact")
     sp = add("export", cmd_export, "write a checkpoint as one .safetensors (weights) or .pt (everything) file")
     sp.add_argument("ref")
     sp.add_argument("out")

@@ -120,7 +120,7 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
                     f"garbage collection stopped before deleting anything: {exc}. Delete that manifest (the "
                     "checkpoint cannot be restored anyway) or restore it from a backup, then run gc again.") from exc
             for tensor in manifest.tensors.values():
-                live.update(ref.digest for ref in tensor.blob.chain())
+                live.update(ref.digest for ref in tensor.blobs())
             shards = manager.shards(manifest)
             if shards is not None:
                 live_shards.add(shards[0])
@@ -208,7 +208,7 @@ def collect_remote(remote: RemoteRoot, *, grace_seconds: float = 300.0, dry_run:
             raise WeightslabError(f"garbage collection of {remote.url} stopped before deleting anything: {exc}. "
                                   "Delete that manifest or restore it, then run gc again.") from exc
         for tensor in manifest.tensors.values():
-            for blob in tensor.blob.chain():
+            for blob in tensor.blobs():
                 live.add(blob.pack)
                 digests.add(blob.digest)
         live_shards.update(remote.path_of(f) for f in remote.shard_files(manifest))

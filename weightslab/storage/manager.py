@@ -31,7 +31,8 @@ from ..triggers import REASONS
 from .atomic import atomic_write, fsync_dir, make_dirs, remove, sweep_temp_files
 from .experiment import ExperimentRecord, descendants
 from .layout import Layout, is_experiment_hash
-from .manifest import Manifest, TensorEntry
+from . import archive as _archive
+from .manifest import ArchivedEntry, Manifest, TensorEntry
 from .names import read_names, set_name
 from .remote import RemoteRoot
 from .root import Root
@@ -445,8 +446,8 @@ class CheckpointManager:
         resume falls back from it before anything else looks at it."""
         manifest = Manifest.read(entry.path if isinstance(entry, CheckpointEntry) else Path(entry))
         if sizes:
-            self.store.check_stored((t.blob for t in manifest.tensors.values()), checkpoint=manifest.ref,
-                                    frames=False, missing_ok=True)
+            self.store.check_stored((b for t in manifest.tensors.values() for b in t.blobs()),
+                                    checkpoint=manifest.ref, frames=False, missing_ok=True)
         return manifest
 
     def check_stored(self, manifest: Manifest) -> None:
@@ -455,16 +456,23 @@ class CheckpointManager:
         (:meth:`BlobStore.check_stored`); CorruptCheckpointError names the first that does not fit."""
         if self.remote is not None:
             self.remote.pull_packs(manifest)
-        self.store.check_stored((t.blob for t in manifest.tensors.values()), checkpoint=manifest.ref)
+        self.store.check_stored((b for t in manifest.tensors.values() for b in t.blobs()), checkpoint=manifest.ref)
 
     def read_tensors(self, manifest: Manifest, into: Mapping[str, BytesLike]) -> None:
         """Read the bytes of the checkpoint's tensors ``into`` buffers (by tensor key), each byte
-        checked against its digest; a remote root's packs are fetched first.
+        checked against its digest; a remote root's packs are fetched first. An archived tensor is
+        decoded from its anchor and lossy links (:mod:`weightslab.storage.archive`): the values it was
+        archived with, not the ones it was saved with (``manifest.exact`` says which).
         (:func:`weightslab.tensors.load_tensors` gives them as tensors.)"""
         if self.remote is not None:
             self.remote.pull_packs(manifest)
-        self.store.read_into([(manifest.tensors[key].blob, buffer) for key, buffer in into.items()],
-                             checkpoint=manifest.ref)
+        exact = [(entry.blob, buffer) for entry, buffer in ((manifest.tensors[k], b) for k, b in into.items())
+                 if isinstance(entry, TensorEntry)]
+        self.store.read_into(exact, checkpoint=manifest.ref)
+        for key, buffer in into.items():
+            entry = manifest.tensors[key]
+            if isinstance(entry, ArchivedEntry):
+                _archive.read_into(self.store, entry, buffer, checkpoint=manifest.ref)
 
     def shards(self, manifest: Manifest) -> tuple[Path, ShardedFiles] | None:
         """Where a checkpoint's sharded tensors are (torch.distributed.checkpoint wrote them) and the
@@ -504,16 +512,17 @@ class CheckpointManager:
                 continue
             problems = []
             for key, tensor in manifest.tensors.items():
-                blob = tensor.blob
-                if blob.digest not in verified:
-                    try:
-                        self.store.verify_blob(blob)  # SHA-256 (not the fast checksum), in bounded memory
-                        verified[blob.digest] = None
-                        nbytes += blob.size
-                    except CorruptCheckpointError as exc:
-                        verified[blob.digest] = str(exc)
-                if verified[blob.digest] is not None:
-                    problems.append(f"tensor {key}: {verified[blob.digest]}")
+                for blob in tensor.blobs():  # (an archived tensor's anchor and every link, like any blob)
+                    if blob.digest not in verified:
+                        try:
+                            self.store.verify_blob(blob)  # SHA-256 (not the fast checksum), in bounded memory
+                            verified[blob.digest] = None
+                            nbytes += blob.size
+                        except CorruptCheckpointError as exc:
+                            verified[blob.digest] = str(exc)
+                    if verified[blob.digest] is not None:
+                        problems.append(f"tensor {key}: {verified[blob.digest]}")
+                        break
             try:
                 shards = self.shards(manifest)
             except (CorruptCheckpointError, ValueError) as exc:
@@ -541,7 +550,9 @@ class CheckpointManager:
                     metrics = manifest.numeric_metrics()
                     record: CheckpointRecord | None = CheckpointRecord(
                         experiment=manifest.experiment, step=manifest.step, created_ns=manifest.created_ns,
-                        reasons=tuple(r for r in manifest.reasons if r in _KNOWN_REASONS), metrics=metrics)
+                        reasons=tuple(r for r in manifest.reasons if r in _KNOWN_REASONS), metrics=metrics,
+                        exact=manifest.exact, chain=_archive.chain_of(manifest),
+                        archivable="sharded" not in manifest.state)
                 except (CorruptCheckpointError, CheckpointNotFoundError, ValueError) as exc:
                     log.warning("retention leaves %s alone: its manifest cannot be read (%s)", entry.ref, exc)
                     record = None
@@ -553,13 +564,19 @@ class CheckpointManager:
     def apply_retention(self, retention: Retention, *, experiments: Iterable[str] | None = None,
                         dry_run: bool = False) -> RetentionPlan:
         """Delete the manifests of the checkpoints ``retention`` does not keep (blobs stay until
-        :func:`weightslab.gc`). Returns the plan, whether or not it was carried out.
+        :func:`weightslab.gc`), and with an archive, demote those it archives
+        (:class:`~weightslab.storage.archive.Demoter`). Returns the plan, whether or not it was carried out.
 
         On a remote root, each checkpoint is deleted remotely first (its manifest is the commit
         object there), then locally: a failure leaves the local copy, and the next retention
         deletes it again."""
         plan = retention.plan(self.records(experiments))
-        if dry_run or not plan.delete:
+        if dry_run:
+            return plan
+        if plan.demote:
+            assert retention.archive is not None
+            _archive.Demoter(self, retention.archive).demote(plan.demote)
+        if not plan.delete:
             return plan
         touched = set()
         for record in plan.delete:

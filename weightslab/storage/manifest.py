@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Union
 
 from ..canonical import TAG, canonical_json
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
@@ -23,7 +23,8 @@ from .layout import Layout
 from .shardfiles import ShardedFiles
 from .store import BlobRef
 
-__all__ = ["FORMAT_VERSION", "DISTRIBUTED_FORMAT_VERSION", "READABLE_VERSIONS", "Manifest", "TensorEntry", "seal", "unseal"]
+__all__ = ["FORMAT_VERSION", "DISTRIBUTED_FORMAT_VERSION", "ARCHIVE_FORMAT_VERSION", "READABLE_VERSIONS", "MAX_CHAIN",
+           "Manifest", "TensorEntry", "ArchivedEntry", "Link", "Entry", "seal", "unseal"]
 
 #: Version 2 added encoded blobs (zstd, XOR deltas with a nested ``base``) to tensor entries;
 #: version 1 documents (the foundation's) read unchanged.
@@ -35,7 +36,15 @@ FORMAT_VERSION = 2
 #: so that an older weightslab refuses them (asking for an upgrade) rather than giving every rank
 #: rank 0's random state; every other document stays version 2.
 DISTRIBUTED_FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+#: Version 4 added the lossy archive tier (:mod:`weightslab.storage.archive`): tensors stored as a
+#: chain of lossy links on an exact anchor (:class:`ArchivedEntry`) and the manifest's ``exact: false``
+#: and ``archive`` record. Only demoted checkpoints are written as version 4, so that an older
+#: weightslab refuses them (asking for an upgrade) rather than reading a codec's payload as weights.
+ARCHIVE_FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+#: The most lossy links a tensor's chain may hold (what a reader decodes: bounded, whatever a
+#: manifest claims; :class:`~weightslab.storage.archive.Archive` allows at most this).
+MAX_CHAIN = 64
 KIND = "weightslab.checkpoint"
 
 log = logging.getLogger(__name__)
@@ -81,9 +90,32 @@ def unseal(data: bytes, *, path: Path | str, kind: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TensorEntry:
+    """A tensor stored exactly: its bytes are the blob's (decoded) bytes."""
+
     dtype: str  # safetensors dtype name
     shape: tuple[int, ...]
     blob: BlobRef
+
+    exact = True
+
+    def blobs(self) -> Iterator[BlobRef]:
+        """Every blob reading this tensor needs (what gc must keep, a remote root must fetch)."""
+        return self.blob.chain()
+
+    @property
+    def nbytes(self) -> int:
+        """The stored bytes of its own blob."""
+        return self.blob.nbytes
+
+    @property
+    def size(self) -> int:
+        """The tensor's bytes, as read."""
+        return self.blob.size
+
+    @property
+    def content(self) -> str:
+        """Names what reading it gives: equal for two entries that read the same bytes."""
+        return self.blob.digest
 
     def to_json(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "shape": list(self.shape), **self.blob.to_json()}
@@ -104,6 +136,107 @@ class TensorEntry:
         return cls(dtype=dtype, shape=shape, blob=blob)
 
 
+@dataclass(frozen=True)
+class Link:
+    """One lossy step of an archived tensor's chain: a codec's payload (a blob of bytes) that turns
+    the decoded previous value into the next (:func:`weightslab.storage.lossy.decode`)."""
+
+    params: Mapping[str, Any]  # the codec and its parameters (``{"codec": "lc", "bits": 3}``), as written
+    blob: BlobRef  # the payload, stored raw: a codec's output is already entropy-coded
+
+    def to_json(self) -> dict[str, Any]:
+        return {"params": dict(self.params), "blob": self.blob.to_json()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Link":
+        data = _mapping(data, "a lossy link")
+        params = _mapping(data["params"], "a lossy link's params")
+        if not isinstance(params.get("codec"), str):
+            raise ValueError(f"a lossy link's params {dict(params)!r} name no codec")
+        return cls(params=dict(params), blob=BlobRef.from_json(_mapping(data["blob"], "a lossy link's blob")))
+
+
+@dataclass(frozen=True)
+class ArchivedEntry:
+    """A tensor of the lossy archive tier: an exact ``anchor`` (the bytes of the tensor in the exact
+    checkpoint its chain starts from) and the ``links`` that lead from it to this checkpoint's value,
+    each encoded against the decoded value before it (closed loop: errors do not accumulate).
+    ``error`` is what the last link measured against the exact value it replaced."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    anchor: BlobRef
+    links: tuple[Link, ...]
+    max_abs: float  # max |decoded - exact| over the tensor's elements
+    rel_l2: float  # ||decoded - exact|| / ||exact||
+
+    exact = False
+
+    def blobs(self) -> Iterator[BlobRef]:
+        """Every blob reading this tensor needs: the anchor (and its delta bases) and every link."""
+        yield from self.anchor.chain()
+        for link in self.links:
+            yield from link.blob.chain()
+
+    @property
+    def nbytes(self) -> int:
+        """The stored bytes of its own payload (the last link; the anchor and earlier links are shared)."""
+        return self.links[-1].blob.nbytes
+
+    @property
+    def size(self) -> int:
+        """The tensor's bytes, as read (decoded)."""
+        return self.anchor.size
+
+    @property
+    def content(self) -> str:
+        """Names what reading it gives: the anchor and every link (a decode is deterministic)."""
+        chain = " ".join([self.anchor.digest, *(link.blob.digest for link in self.links)])
+        return "chain:" + hashlib.sha256(chain.encode()).hexdigest()
+
+    @property
+    def codec(self) -> str:
+        return str(self.links[-1].params["codec"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "exact": False, "anchor": self.anchor.to_json(),
+                "links": [link.to_json() for link in self.links],
+                "error": {"max_abs": self.max_abs, "rel_l2": self.rel_l2}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ArchivedEntry":
+        """Every field checked (ValueError saying which is wrong): the anchor holds the tensor's
+        bytes, the chain is 1 to :data:`MAX_CHAIN` links long, the errors are finite and not negative."""
+        dtype, shape = check_dtype(data["dtype"]), check_shape(data["shape"])
+        anchor = BlobRef.from_json(_mapping(data["anchor"], "an archived tensor's anchor"))
+        if shape_nbytes(dtype, shape) != anchor.size:
+            raise ValueError(f"shape {list(shape)} of {dtype} holds {shape_nbytes(dtype, shape):,} bytes, but its "
+                             f"anchor holds {anchor.size:,}")
+        links = _list(data["links"], "an archived tensor's links")
+        if not 1 <= len(links) <= MAX_CHAIN:
+            raise ValueError(f"an archived tensor has {len(links)} lossy links, not 1 to {MAX_CHAIN}")
+        error = _mapping(data["error"], "an archived tensor's error")
+        max_abs, rel_l2 = (_error(error.get(k), k) for k in ("max_abs", "rel_l2"))
+        return cls(dtype=dtype, shape=shape, anchor=anchor, links=tuple(Link.from_json(x) for x in links),
+                   max_abs=max_abs, rel_l2=rel_l2)
+
+
+#: A tensor of a checkpoint, exact or archived.
+Entry = Union[TensorEntry, ArchivedEntry]
+
+
+def _entry(data: Any) -> Entry:
+    if isinstance(data, Mapping) and data.get("exact", True) is False:
+        return ArchivedEntry.from_json(data)
+    return TensorEntry.from_json(data)
+
+
+def _error(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"an archived tensor's {what} {value!r} is not a finite non-negative number")
+    return float(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     experiment: str
@@ -115,12 +248,20 @@ class Manifest:
     metrics: Mapping[str, Any] = field(default_factory=dict)  # encoded with the codec (NaN-safe)
     run: str = ""  # id of the process run that wrote it
     resumed_from: str | None = None  # the ref this run resumed from, if any
-    tensors: Mapping[str, TensorEntry] = field(default_factory=dict)
+    tensors: Mapping[str, Entry] = field(default_factory=dict)
     state: Mapping[str, Any] = field(default_factory=dict)  # codec tree referencing ``tensors``
     versions: Mapping[str, str] = field(default_factory=dict)  # weightslab / torch that wrote it
     #: plain JSON the user's ``before_save`` callbacks added (:mod:`weightslab.events`); written only
     #: when not empty, so other manifests are byte for byte as before, and older readers ignore it
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: set by a demotion (:mod:`weightslab.storage.archive`): the codec and its parameters, when it was
+    #: demoted, the chain length and the largest errors of its tensors; empty for an exact checkpoint
+    archive: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        """True when every tensor holds the bytes it was saved with (False: demoted to the lossy archive)."""
+        return all(t.exact for t in self.tensors.values())
 
     @property
     def ref(self) -> str:
@@ -132,7 +273,7 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.blob.nbytes for t in self.tensors.values())
+        return sum(t.nbytes for t in self.tensors.values())
 
     def numeric_metrics(self) -> dict[str, float]:
         """The metrics as floats (non-finite ones are tagged by the codec: read without it, and
@@ -148,8 +289,10 @@ class Manifest:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        exact = self.exact
         return {
-            "format_version": DISTRIBUTED_FORMAT_VERSION if {"ranks", "sharded"} & set(self.state) else FORMAT_VERSION,
+            "format_version": ARCHIVE_FORMAT_VERSION if not exact else
+            DISTRIBUTED_FORMAT_VERSION if {"ranks", "sharded"} & set(self.state) else FORMAT_VERSION,
             "kind": KIND,
             "experiment": self.experiment,
             "step": self.step,
@@ -164,6 +307,7 @@ class Manifest:
             "tensors": {k: v.to_json() for k, v in self.tensors.items()},
             "state": self.state,
             **({"metadata": dict(self.metadata)} if self.metadata else {}),
+            **({} if exact else {"exact": False, "archive": dict(self.archive)}),
         }
 
     def to_bytes(self) -> bytes:
@@ -206,6 +350,10 @@ class Manifest:
         and size buffers (ValueError, KeyError or TypeError saying what is wrong)."""
         tensors = _mapping(body.get("tensors", {}), "tensors")
         state = _mapping(body.get("state", {}), "state")
+        lossy = any(isinstance(t, Mapping) and t.get("exact", True) is False for t in tensors.values())
+        if body.get("exact", True) is not (not lossy) or lossy != (body.get("format_version") == ARCHIVE_FORMAT_VERSION):
+            raise ValueError(f"exact {body.get('exact', True)!r} and format_version {body.get('format_version')!r} do "
+                             f"not agree with its tensors ({'some' if lossy else 'none'} archived)")
         experiment = check_experiment(body["experiment"])
         if "sharded" in state:
             _check_sharded(state["sharded"], experiment)
@@ -223,9 +371,10 @@ class Manifest:
             run=_text(body.get("run", ""), "run"),
             resumed_from=resumed_from,
             versions=dict(_mapping(body.get("versions", {}), "versions")),
-            tensors={_text(k, "a tensor key"): TensorEntry.from_json(v) for k, v in tensors.items()},
+            tensors={_text(k, "a tensor key"): _entry(v) for k, v in tensors.items()},
             state=state,
             metadata=dict(_mapping(body.get("metadata", {}), "metadata")),
+            archive=dict(_mapping(body.get("archive", {}), "archive")),
         )
 
     @classmethod

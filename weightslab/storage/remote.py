@@ -114,7 +114,7 @@ class RemoteRoot:
         sent = 0
         for manifest in manifests:
             h = manifest.experiment
-            packs = {blob.pack for t in manifest.tensors.values() for blob in t.blob.chain()}
+            packs = {blob.pack for t in manifest.tensors.values() for blob in t.blobs()}
             for pack in sorted(packs):
                 local = self.layout.pack(pack)
                 remote = self.path_of(local)
@@ -192,7 +192,7 @@ class RemoteRoot:
     def pull_packs(self, manifest: Manifest) -> int:
         """Fetch the packs ``manifest`` needs that the staging root lacks; return the bytes fetched."""
         fetched = 0
-        packs = {blob.pack for t in manifest.tensors.values() for blob in t.blob.chain()}
+        packs = {blob.pack for t in manifest.tensors.values() for blob in t.blobs()}
         for local in [self.layout.pack(pack) for pack in sorted(packs)] + self.shard_files(manifest):
             if not local.exists():
                 self._download(self.path_of(local), local)
