@@ -250,7 +250,7 @@ class Restorer:
         """The error of a resume from an archived checkpoint not accepted by name: what it is, its
         error bounds, the nearest exact checkpoint and the flag that accepts it."""
         exact = [r for r in self._manager.records([manifest.experiment]) if r.exact]
-        nearest = min(exact, key=lambda r: (abs(r.step - manifest.step), -r.step)).ref if exact else None
+        nearest = min(exact, key=lambda r: (abs(r.step - manifest.step), r.step)).ref if exact else None
         return LossyCheckpointError(
             f"checkpoint {manifest.ref} is in the lossy archive ({describe_lossy(manifest)}): resuming it would not "
             "continue the run exactly. "

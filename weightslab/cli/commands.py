@@ -312,15 +312,18 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     if metrics:
         out.line(_cut("metrics     " + ", ".join(f"{k}={_number(float(v))}" for k, v in metrics.items()), WIDTH))
     out.line(f"tensors     {len(manifest.tensors)}, {_size(manifest.total_bytes)} stored ({_size(raw)} raw)")
-    if not manifest.exact:
-        from ..storage.archive import describe_lossy
-        out.line(out.paint(_cut(f"exact       no: lossy archive, {describe_lossy(manifest)}", WIDTH), "33"))
-        out.line(_cut(f"              demoted {manifest.archive.get('demoted', '?')}, against "
-                      f"{manifest.archive.get('base', '?')}; resume it with allow_lossy=True", WIDTH))
-        worst = sorted(((t.rel_l2, k, t) for k, t in manifest.tensors.items() if not t.exact), reverse=True)
+    if not manifest.exact:  # (a checkpoint of the lossy archive: what it is, its errors, how to resume it)
+        archive, worst = manifest.archive, sorted(((t.rel_l2, k, t) for k, t in manifest.tensors.items()
+                                                    if not t.exact), reverse=True)
+        settings = " ".join(f"{k}={v}" for k, v in dict(archive.get("params", {})).items() if k != "codec")
+        out.line(out.paint(f"exact       no: lossy archive, {archive.get('codec', '?')} {settings}", "33"))
+        out.line(_cut(f"              {len(worst)} tensors lossy: max abs error {archive.get('max_abs', 0):.3g}, "
+                      f"relative L2 {archive.get('rel_l2', 0):.3g} at most", WIDTH))
+        out.line(_cut(f"              against {archive.get('base', '?')}, chains of {archive.get('chain', '?')} links",
+                      WIDTH))
+        out.line("              resume it only with allow_lossy=True")
         for _, key, t in worst[:5]:
-            out.line(_cut(f"              {key}: max abs {t.max_abs:.3g}, rel L2 {t.rel_l2:.3g}, {len(t.links)} links",
-                          WIDTH))
+            out.line(_cut(f"              {key}: max abs {t.max_abs:.3g}, rel L2 {t.rel_l2:.3g}", WIDTH))
     if record and record.parent:
         out.line(_cut(f"parent      {record.parent.ref} ({record.parent.reason})", WIDTH))
         for change in record.parent.changes:
