@@ -190,8 +190,8 @@ class ExcpParams:
     """
 
     bits: int = 4
-    weight_prune: float = 1.0
-    moment_prune: float = 0.5
+    weight_prune: float = 0.5
+    moment_prune: float = 1.0
     prune_second_moment: bool = False
 
     @property
