@@ -555,10 +555,10 @@ def _pack(params: CodecParams, member: Member, kind: int, table: np.ndarray, ind
           has_base: bool) -> bytes:
     zstd = zstandard_module()
     compressor = zstd.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True, write_content_size=True)
-    positions = np.flatnonzero(index)
-    kept = positions.size
+    kept = int(np.count_nonzero(index))  # counting first: flatnonzero of a dense index costs 4x the encode
     if index.size and kept <= _SPARSE_MAX * index.size:
         layout = _LAYOUT_SPARSE
+        positions = np.flatnonzero(index)
         frames = [compressor.compress(_gap_bytes(positions).tobytes()),
                   compressor.compress(index[positions].tobytes())]
     else:
