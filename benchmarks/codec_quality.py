@@ -135,6 +135,9 @@ SETTINGS = [
     ("lc bits=3", LcParams(bits=3)),
     ("lc bits=4", LcParams(bits=4)),
     ("lc bits=6", LcParams(bits=6)),
+    ("lc bits=4, moment_bits=2", LcParams(bits=4, moment_bits=2)),
+    ("lc bits=4, moment_bits=1", LcParams(bits=4, moment_bits=1)),
+    ("lc bits=3, moment_bits=2", LcParams(bits=3, moment_bits=2)),
     ("excp default (weight_prune=0.5, moment_prune=1)", ExcpParams()),
     ("excp weight_prune=0.5, moment_prune=0.5", ExcpParams(weight_prune=0.5, moment_prune=0.5)),
     ("excp weight_prune=1", ExcpParams(weight_prune=1.0)),
@@ -142,6 +145,8 @@ SETTINGS = [
     ("excp weight_prune=3, moment_prune=1", ExcpParams(weight_prune=3.0, moment_prune=1.0)),
     ("excp bits=3", ExcpParams(bits=3)),
     ("excp bits=2", ExcpParams(bits=2)),
+    ("excp moment_bits=2", ExcpParams(moment_bits=2)),
+    ("excp weight_prune=1, moment_bits=2", ExcpParams(weight_prune=1.0, moment_bits=2)),
     ("excp prune_second_moment", ExcpParams(prune_second_moment=True)),
 ]
 

@@ -164,9 +164,12 @@ class LcParams:
 
     ``bits`` (1..8): more bits keep smaller deltas (each extra bit doubles the buckets, about one
     more binade of each sign), at about one more bit per kept element before entropy coding.
+    ``moment_bits`` (1..8, or None: ``bits``): the bits of optimizer moments, which tolerate far
+    fewer than weights (bits=2 on Adam's moments alone left the resumed loss unchanged).
     """
 
     bits: int = 4
+    moment_bits: Optional[int] = None
 
     @property
     def codec(self) -> str:
@@ -188,9 +191,11 @@ class ExcpParams:
     mean ``|m|`` (and its weight residual was kept). 0 keeps every moment of a kept weight.
     ``prune_second_moment``: prune the second moment like the first (ExCP's choice; off by
     default because a zeroed second moment inflates Adam's next steps).
+    ``moment_bits`` (1..8, or None: ``bits``): the levels of the optimizer moments.
     """
 
     bits: int = 4
+    moment_bits: Optional[int] = None
     weight_prune: float = 0.5
     moment_prune: float = 1.0
     prune_second_moment: bool = False
@@ -237,9 +242,11 @@ def params_from_json(data: Mapping[str, Any]) -> CodecParams:
 
 
 def _check_knob(codec: str, name: str, value: Any) -> None:
-    if name == "bits":
+    if name == "moment_bits" and value is None:
+        return
+    if name in ("bits", "moment_bits"):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
-            raise ValueError(f"bits must be an int from 1 to 8, got {value!r} (codec {codec!r})")
+            raise ValueError(f"{name} must be an int from 1 to 8, got {value!r} (codec {codec!r})")
     elif name == "prune_second_moment":
         if not isinstance(value, bool):
             raise ValueError(f"prune_second_moment must be True or False, got {value!r} (codec {codec!r})")
@@ -369,6 +376,11 @@ def _reconstruct(kind: int, table: np.ndarray, index: np.ndarray, base: Optional
     return _through_storage(values, dtype)
 
 
+def _bits(params: CodecParams, role: str) -> int:
+    """The bits a member of ``role`` is coded with: ``moment_bits`` for optimizer moments, if set."""
+    return params.moment_bits if role != "weight" and params.moment_bits is not None else params.bits
+
+
 # --- LC-Checkpoint ----------------------------------------------------------------------------
 def _lc(params: LcParams, member: Member) -> tuple[int, np.ndarray, np.ndarray]:
     target, base = member.target, member.base
@@ -378,7 +390,7 @@ def _lc(params: LcParams, member: Member) -> tuple[int, np.ndarray, np.ndarray]:
         target = np.sqrt(target)
         base = None if base is None else np.sqrt(base)
     delta = target - base if base is not None else target.copy()
-    return (kind, *_lc_quantise(delta, params.bits))
+    return (kind, *_lc_quantise(delta, _bits(params, member.role)))
 
 
 def _lc_quantise(delta: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -462,7 +474,7 @@ def _excp_moment(params: ExcpParams, values: np.ndarray, joint: Optional[np.ndar
     mask &= values != 0
     if joint is not None:
         mask &= joint
-    return _quantise_kept(values, np.flatnonzero(mask), params.bits, bounded=True)
+    return _quantise_kept(values, np.flatnonzero(mask), _bits(params, "moment"), bounded=True)
 
 
 def _excp_second(params: ExcpParams, values: np.ndarray, joint: Optional[np.ndarray]
@@ -474,7 +486,8 @@ def _excp_second(params: ExcpParams, values: np.ndarray, joint: Optional[np.ndar
         if joint is not None:
             mask &= joint
     keep = np.flatnonzero(mask)
-    log_table, index = _quantise_kept(np.log(values[keep].astype(np.float64)), None, params.bits, bounded=False,
+    log_table, index = _quantise_kept(np.log(values[keep].astype(np.float64)), None, _bits(params, "second_moment"),
+                                      bounded=False,
                                       size=values.size, positions=keep)
     table = np.exp(log_table)
     table[0] = 0.0  # zero (and pruned) stays exactly zero; every level is positive
