@@ -122,7 +122,9 @@ def test_load_returns_the_live_state_of_that_step_as_plain_python(root: Path) ->
         state = load(f"{h}@{step}", root=root)
         live = run.live[step]
         assert list(state) == ["ref", "experiment", "step", "reasons", "metrics", "models", "model_flags",
-                               "optimizers", "schedulers", "scalers", "hyperparams", "dataloaders", "custom", "rng"]
+                               "optimizers", "schedulers", "scalers", "hyperparams", "dataloaders", "custom", "rng",
+                               "exact", "archive"]
+        assert state["exact"] is True and state["archive"] == {}
         assert state["ref"] == f"{h}@{step}" and state["experiment"] == h and state["step"] == step
         assert state["reasons"] == ["step"]
         assert state["metrics"] == {"loss": live["loss"]}

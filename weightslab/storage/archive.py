@@ -146,8 +146,8 @@ class Demoter:
     def __init__(self, manager: "CheckpointManager", archive: Archive):
         self._manager = manager
         self._store = manager.store
-        self._archive = archive
-        self._last: _Decoded | None = None
+        self.archive = archive
+        self._last: _Decoded | None = None  # the checkpoint demoted last, decoded: usually the next one's base
 
     def demote(self, demotions: Iterable["Demotion"]) -> list[Manifest]:
         """Demote each checkpoint; return the demoted manifests (one already archived or gone is skipped)."""
@@ -185,7 +185,7 @@ class Demoter:
                     continue
                 members.append(lossy.Member(key=key, dtype=entry.dtype, target=values, base=base.values[key],
                                             role=self._role(key)))
-            for member, result in zip(members, lossy.encode_group(self._archive.codec, members) if members else ()):
+            for member, result in zip(members, lossy.encode_group(self.archive.codec, members) if members else ()):
                 entry = target.tensors[member.key]
                 assert isinstance(entry, TensorEntry)
                 if len(result.payload) >= entry.size:  # the code costs more than the bytes: stays exact
@@ -209,9 +209,11 @@ class Demoter:
         """The payloads into one new pack, then the demoted manifest in place of the exact one."""
         keys = list(encoded)
         blobs = [Blob(data=encoded[k][1].payload, dtype="U8", shape=(len(encoded[k][1].payload),)) for k in keys]
-        params = self._archive.codec.to_json()
+        params = self.archive.codec.to_json()
         with self._store.lock(exclusive=False):  # (gc cannot delete a blob between finding it and the commit)
-            refs: list[BlobRef] = self._store.put(blobs)
+            # (a payload is small and read once per decode: its SHA-256 suffices, the fast check's
+            # 50 bytes would be repeated by every later link's manifest)
+            refs: list[BlobRef] = [dataclasses.replace(r, check=None) for r in self._store.put(blobs)]
             tensors: dict[str, Entry] = dict(target.tensors)
             for key, ref in zip(keys, refs):
                 entry, result = encoded[key]
@@ -222,7 +224,7 @@ class Demoter:
                                              max_abs=_finite(result.max_abs), rel_l2=_finite(result.rel_l2))
             archived = [t for t in tensors.values() if isinstance(t, ArchivedEntry)]
             summary = {
-                "codec": params["codec"], "params": params, "optimizer": self._archive.optimizer,
+                "codec": params["codec"], "params": params, "optimizer": self.archive.optimizer,
                 "demoted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "chain": max(len(t.links) for t in archived), "base": base.ref,
                 "tensors": len(archived), "exact_nbytes": target.total_bytes,
@@ -233,7 +235,7 @@ class Demoter:
         if self._manager.remote is not None:  # (the remote's manifest is replaced the same way: the new one last)
             self._manager.remote.push([demoted])
         log.info("archived %s with %s: %d tensors lossy, %s -> %s bytes, max abs error %.3g, rel L2 %.3g",
-                 target.ref, self._archive.describe(), len(archived), f"{target.total_bytes:,}",
+                 target.ref, self.archive.describe(), len(archived), f"{target.total_bytes:,}",
                  f"{demoted.total_bytes:,}", summary["max_abs"], summary["rel_l2"])
         return demoted
 
@@ -264,7 +266,7 @@ class Demoter:
             return False  # the same bytes: costs nothing as it is
         if key.startswith("models/"):
             return True
-        return key.startswith("optimizers/") and self._archive.optimizer == "lossy"
+        return key.startswith("optimizers/") and self.archive.optimizer == "lossy"
 
     def _groups(self, target: Manifest, base: _Decoded) -> list[list[str]]:
         """The tensors to re-encode, grouped by parameter (its weight, then its optimizer state), as

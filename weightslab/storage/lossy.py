@@ -176,7 +176,8 @@ class LcParams:
         return "lc"
 
     def to_json(self) -> dict[str, Any]:
-        return {"codec": self.codec, **asdict(self)}
+        # (an unset moment_bits is left out: a manifest repeats these for every link of every chain)
+        return {"codec": self.codec, **{k: v for k, v in asdict(self).items() if v is not None}}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,7 +206,8 @@ class ExcpParams:
         return "excp"
 
     def to_json(self) -> dict[str, Any]:
-        return {"codec": self.codec, **asdict(self)}
+        # (an unset moment_bits is left out: a manifest repeats these for every link of every chain)
+        return {"codec": self.codec, **{k: v for k, v in asdict(self).items() if v is not None}}
 
 
 CodecParams = Union[LcParams, ExcpParams]

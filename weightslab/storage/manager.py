@@ -168,6 +168,7 @@ class CheckpointManager:
         # against it since), for delta=True
         self._anchors: dict[str, tuple[BlobRef, BytesLike, str, tuple[int, ...], int]] = {}
         self._written_experiments: set[str] = set()
+        self._demoter: _archive.Demoter | None = None
         self._records: dict[Path, tuple[int, CheckpointRecord | None]] = {}  # path -> (mtime, record)
         self._created: dict[Path, tuple[int, int, int]] = {}  # path -> (mtime, size, created_ns)
         # (sweep=False for a process that must not judge other writers' temporary files: a rank of a
@@ -575,7 +576,10 @@ class CheckpointManager:
             return plan
         if plan.demote:
             assert retention.archive is not None
-            _archive.Demoter(self, retention.archive).demote(plan.demote)
+            if self._demoter is None or self._demoter.archive != retention.archive:
+                # (kept: in training, the checkpoint demoted after this save is the base of the next)
+                self._demoter = _archive.Demoter(self, retention.archive)
+            self._demoter.demote(plan.demote)
         if not plan.delete:
             return plan
         touched = set()
