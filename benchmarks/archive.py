@@ -91,6 +91,7 @@ import torch
 from torch import nn
 
 import weightslab as wl
+from storage import build  # benchmarks/storage.py's 25 M-parameter MLP (this script's directory is on sys.path)
 
 torch.set_num_threads(1)
 
@@ -405,17 +406,6 @@ def print_small(task: Task, args: argparse.Namespace, exact: SmallRun, saved: in
 
 
 # --- workload 2: the 25 M-parameter MLP -------------------------------------------------------------
-def build(params: int, layers: int) -> nn.Sequential:
-    """benchmarks/storage.py's model: ``layers`` nn.Linear(d, d), He-initialised, GELU between them."""
-    d = max(16, int(round(math.sqrt(params / layers) / 16)) * 16)
-    modules: list[nn.Module] = []
-    for i in range(layers):
-        linear = nn.Linear(d, d)
-        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-        modules.append(linear)
-        if i < layers - 1:
-            modules.append(nn.GELU())
-    return nn.Sequential(*modules)
 
 
 def stored_bytes(root: Path) -> int:

@@ -257,7 +257,7 @@ def test_params_defaults_and_json():
         data = params.to_json()
         assert data["codec"] == params.codec and params_from_json(data) == params
     assert set(ExcpParams().to_json()) == {"codec", "bits", "weight_prune", "moment_prune", "prune_second_moment"}
-    assert LcParams(moment_bits=2).to_json() == {"codec": "lc", "bits": 4, "moment_bits": 2}
+    assert LcParams(moment_bits=2).to_json() == {"codec": "lc", "bits": 3, "moment_bits": 2}
     assert params_from_json(LcParams(moment_bits=2).to_json()) == LcParams(moment_bits=2)
     with pytest.raises(ValueError, match="moment_bits must be an int from 1 to 8, got 0"):
         codec_params("lc", moment_bits=0)

@@ -254,3 +254,28 @@ def test_the_python_functions_take_a_remote_root_too(tmp_path, url, staging):
     assert set(load_file(str(out))) == set(expected)
     plan = wl.prune(keep_last=1, root=url)
     assert len(plan.delete) == 1 and _remote_steps(url) == [4]  # deleted in the bucket, not only the mirror
+
+
+def test_an_archived_checkpoint_replaces_its_remote_manifest_and_reads_on_another_machine(url, staging):
+    staging("machine-a")
+    system = wl.get_checkpoint_system(root_log_dir=url, checkpoint_frequency=1, save_on_close=False,
+                                      retention={"keep_last": 2, "archive": "lc"})
+    torch.manual_seed(0)
+    model = wl.register_model(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)))
+    opt = wl.register_optimizer(torch.optim.Adam(model.parameters(), lr=0.01))
+    for step in range(1, 6):
+        opt.zero_grad()
+        model(torch.randn(16, 64)).pow(2).mean().backward()
+        opt.step()
+        wl.checkpoint_on_step(step)
+    system.wait()
+    exp = system.experiment_hash
+    system.close()
+    fs, base = fsspec.core.url_to_fs(url)
+    remote = [json.loads(fs.cat(f"{base.rstrip('/')}/checkpoints/{exp}/model/{exp}_step_{s:06d}.json"))
+              for s in range(1, 6)]
+    assert [m.get("exact", True) for m in remote] == [True, False, False, True, True]  # the anchor, 2 archived, the ring
+    staging("machine-b")  # a new mirror: the archived manifests and their payload packs come from the bucket
+    state = wl.load(f"{exp}@3", root=url)
+    assert state["exact"] is False and state["archive"]["chain"] == 2
+    assert wl.verify(root=url).ok
