@@ -305,21 +305,22 @@ class ConfigFile:
             except Exception as exc:  # noqa: BLE001 - never let this thread die: the run keeps its config
                 version = _Version(events, None, problem=f"{self.path} could not be read ({type(exc).__name__}: "
                                                          f"{exc})")
-            say = None
+            # Said before the version is published (not under the lock: a slow log handler must not
+            # hold up poll()), so that whoever sees this version settled also sees the warning.
+            # (Only this thread writes _said.)
+            if version.problem is not None and (version.content, version.problem) != self._said:
+                log.warning("%s. The previous configuration is kept and training goes on",
+                            version.problem.rstrip("."))
             with self._cond:
                 self._read_at = events
                 self._content = version.content
                 if version.problem is not None:
                     self._ready = None  # the file as it is now is refused; an older version is not applied
-                    if (version.content, version.problem) != self._said:
-                        self._said = (version.content, version.problem)
-                        say = version.problem
+                    self._said = (version.content, version.problem)
                 else:
                     self._said = None
                     self._ready = version if version.content != self._decided else None
                 self._cond.notify_all()
-            if say is not None:
-                log.warning("%s. The previous configuration is kept and training goes on", say.rstrip("."))
 
     def _load(self, events: int) -> _Version:
         """Read, parse and check the file as it is now (on the reader thread, and once at start)."""
