@@ -541,6 +541,32 @@ def cmd_reindex(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
+# --- ui ----------------------------------------------------------------------------------------------
+def cmd_ui(args: argparse.Namespace, out: Out) -> int:
+    from ..ui.server import is_loopback, make_server
+    try:
+        server = make_server(args.root or None, host=args.host, port=args.port, allow_actions=args.allow_actions)
+    except NotARootError as exc:
+        raise CliError(f"{exc}", 3) from None
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); pick another --port, or 0 "
+                       "for any free one", 6) from None
+    if not is_loopback(args.host):
+        sys.stderr.write(f"weightslab: warning: listening on {args.host}: anyone who can reach this address sees "
+                         "the runs of this root" + (" and can verify checkpoints" if args.allow_actions else "") +
+                         "; the default, 127.0.0.1, is this machine only\n")
+    out.line(f"weightslab ui: {server.url} (root {server.site.location}"
+             f"{', actions allowed' if args.allow_actions else ', read-only'}); Ctrl-C stops it")
+    out.stream.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code}  {what}" for code, what in EXIT_CODES.items())
@@ -608,6 +634,13 @@ def parser() -> argparse.ArgumentParser:
     sp = add("resume-info", cmd_resume_info, "what a resume from REF would restore")
     sp.add_argument("ref")
     add("reindex", cmd_reindex, "rebuild the catalog (index.sqlite) from the manifests")
+    sp = add("ui", cmd_ui, "a local web page over the root: lineage, metric curves, checkpoints, diffs, storage "
+                           "(serves until Ctrl-C)")
+    sp.add_argument("--port", type=int, default=8765, help="the port to listen on (default 8765; 0: any free port)")
+    sp.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
+                    "only; another address lets anyone who reaches it see the runs)")
+    sp.add_argument("--allow-actions", action="store_true", help="let the page verify checkpoints (a button per "
+                    "checkpoint; nothing destructive); without it the page only reads")
     return p
 
 
