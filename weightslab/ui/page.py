@@ -330,7 +330,7 @@ def curves(overview: Overview, metric: str | None, colors: dict[str, str]) -> st
         for i, r in enumerate(rows):
             cls = "point best" if i == best else "point"
             points.append(
-                f'<circle class="{cls}" data-ref="{esc(r.ref)}" data-step="{r.step}" data-value="{values[i]!r}" '
+                f'<circle class="{cls}" data-ref="{esc(r.ref)}" data-step="{r.step}" data-value="{float(values[i])!r}" '
                 f'cx="{xs[i]:.1f}" cy="{ys[i]:.1f}" r="{4 if i == best else 3}" fill="{color}"/>')
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" '
            f'data-metric="{esc(metric)}">{"".join(axis)}{"".join(paths)}{"".join(points)}</svg>')
