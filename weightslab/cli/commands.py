@@ -270,8 +270,8 @@ def cmd_log(args: argparse.Namespace, out: Out) -> int:
 
 # --- show ----------------------------------------------------------------------------------------------
 def _hyperparams(manifest: Any) -> dict[str, Any]:
-    from .. import codec
-    return codec.decode(manifest.state.get("hyperparams", {}), {})
+    from .comparison import hyperparams_of
+    return hyperparams_of(manifest)
 
 
 def _yaml(value: Any) -> str:
@@ -344,62 +344,31 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
 
 
 # --- diff ----------------------------------------------------------------------------------------------
-def _tensor_changes(manager: Any, a: Any, b: Any) -> list[tuple[str, float | None]]:
-    """(key, relative L2 norm of the difference) for the model tensors both hold (None: shapes differ)."""
-    import torch
-
-    from ..tensors import load_tensors
-
-    keys = sorted(k for k in a.tensors if k.startswith("models/") and k in b.tensors)
-    ta, tb = load_tensors(manager, a), load_tensors(manager, b)
-    out = []
-    for key in keys:
-        x, y = ta[key], tb[key]
-        if x.shape != y.shape:
-            out.append((key, None))
-            continue
-        if a.tensors[key].content == b.tensors[key].content:
-            out.append((key, 0.0))
-            continue
-        x64, y64 = x.to(torch.float64), y.to(torch.float64)
-        scale = float(torch.linalg.vector_norm(x64))
-        diff = float(torch.linalg.vector_norm(y64 - x64))
-        out.append((key, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)))
-    return out
-
-
 def cmd_diff(args: argparse.Namespace, out: Out) -> int:
+    from .comparison import compare
     manager = _manager(args)
     ea, eb = _entry(manager, args.a), _entry(manager, args.b)
-    ma, mb = manager.read_manifest(ea), manager.read_manifest(eb)
-    ra, rb = manager.read_experiment(ma.experiment), manager.read_experiment(mb.experiment)
-    from ..fingerprint import diff_architecture, diff_hyperparams
-    hp = diff_hyperparams(_hyperparams(ma), _hyperparams(mb))
-    arch = diff_architecture(ra.architecture, rb.architecture) if ra and rb else []
-    tensors = _tensor_changes(manager, ma, mb)
+    found = compare(manager, manager.read_manifest(ea), manager.read_manifest(eb))
     if args.json:
-        out.json({"a": ma.ref, "b": mb.ref, "hyperparams": hp, "architecture": arch,
-                  "tensors": [{"key": k, "relative_l2": v} for k, v in tensors]})
+        out.json(found.to_json())
         return 0
-    out.line(out.paint(f"{ma.ref} -> {mb.ref}", "1"))
+    out.line(out.paint(f"{found.a} -> {found.b}", "1"))
     out.line(out.paint("hyperparameters", "1"))
-    for line in hp or ["(the same)"]:
+    for line in found.hyperparams or ["(the same)"]:
         out.line(_cut(f"  {line}", WIDTH))
     out.line(out.paint("architecture", "1"))
-    for line in arch or ["(the same)"]:
+    for line in found.architecture or ["(the same)"]:
         out.line(_cut(f"  {line}", WIDTH))
     out.line(out.paint("tensors (relative L2 norm of the difference, largest first)", "1"))
-    ranked = sorted(tensors, key=lambda kv: -math.inf if kv[1] is None else -kv[1])
+    ranked = found.ranked()
     shown = ranked if args.all else ranked[:20]
     for key, value in shown:
         text = "shape differs" if value is None else ("identical" if value == 0 else f"{value:.3e}")
         out.line(_cut(f"  {key[len('models/'):]:<60} {text}", WIDTH))
     if len(ranked) > len(shown):
         out.line(f"  ... and {len(ranked) - len(shown)} more (--all shows them)")
-    only = sorted(set(ma.tensors) ^ set(mb.tensors))
-    only = [k for k in only if k.startswith("models/")]
-    if only:
-        out.line(f"  {len(only)} model tensors are in only one of them")
+    if found.only_in_one:
+        out.line(f"  {len(found.only_in_one)} model tensors are in only one of them")
     return 0
 
 
@@ -572,6 +541,32 @@ def cmd_reindex(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
+# --- ui ----------------------------------------------------------------------------------------------
+def cmd_ui(args: argparse.Namespace, out: Out) -> int:
+    from ..ui.server import is_loopback, make_server
+    try:
+        server = make_server(args.root or None, host=args.host, port=args.port, allow_actions=args.allow_actions)
+    except NotARootError as exc:
+        raise CliError(f"{exc}", 3) from None
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); pick another --port, or 0 "
+                       "for any free one", 6) from None
+    if not is_loopback(args.host):
+        sys.stderr.write(f"weightslab: warning: listening on {args.host}: anyone who can reach this address sees "
+                         "the runs of this root" + (" and can verify checkpoints" if args.allow_actions else "") +
+                         "; the default, 127.0.0.1, is this machine only\n")
+    out.line(f"weightslab ui: {server.url} (root {server.site.location}"
+             f"{', actions allowed' if args.allow_actions else ', read-only'}); Ctrl-C stops it")
+    out.stream.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code}  {what}" for code, what in EXIT_CODES.items())
@@ -639,6 +634,13 @@ def parser() -> argparse.ArgumentParser:
     sp = add("resume-info", cmd_resume_info, "what a resume from REF would restore")
     sp.add_argument("ref")
     add("reindex", cmd_reindex, "rebuild the catalog (index.sqlite) from the manifests")
+    sp = add("ui", cmd_ui, "a local web page over the root: lineage, metric curves, checkpoints, diffs, storage "
+                           "(serves until Ctrl-C)")
+    sp.add_argument("--port", type=int, default=8765, help="the port to listen on (default 8765; 0: any free port)")
+    sp.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
+                    "only; another address lets anyone who reaches it see the runs)")
+    sp.add_argument("--allow-actions", action="store_true", help="let the page verify checkpoints (a button per "
+                    "checkpoint; nothing destructive); without it the page only reads")
     return p
 
 
