@@ -165,7 +165,13 @@ def test_hostile_values_are_shown_as_text_and_never_run(page):
     assert _pwned(driver) is None
     options = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#metric option")]
     assert HOSTILE_METRIC in options  # the metric is listed, under its real name
-    Select(driver.find_element(By.ID, "metric")).select_by_value(HOSTILE_METRIC)
+    # (selected by its option, not by a CSS selector built from the value: the value holds quotes)
+    option = next(o for o in driver.find_elements(By.CSS_SELECTOR, "#metric option")
+                  if o.get_attribute("value") == HOSTILE_METRIC)
+    Select(driver.find_element(By.ID, "metric")).select_by_index(int(option.get_attribute("index")))
+    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#curves path.curve"))
+    curves = driver.find_elements(By.CSS_SELECTOR, "#curves path.curve")
+    assert {c.get_attribute("data-metric") for c in curves} == {HOSTILE_METRIC}
     time.sleep(0.5)
     assert _pwned(driver) is None
     driver.get(f"{server.url}diff?a={runs['base']}@4&b={runs['fork']}@8")
