@@ -144,6 +144,8 @@ def main() -> None:
     print("2. resuming in a fresh process")
     subprocess.run([sys.executable, __file__, "--resume", str(root)], check=True)
     show(root)
+    print(f"\nSee the runs (lineage, loss curves across the resume and the changes, every checkpoint):\n"
+          f"    weightslab ui --root {root}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ def test_quickstart_trains_changes_crashes_resumes_and_reports(tmp_path: Path) -
     assert "resumed from" in out and "@40" in out  # the newest checkpoint before the kill at step 47
     assert "finished step 60" in out
     assert f"Checkpoints are under {root}" in out
+    assert out.rstrip().endswith(f"weightslab ui --root {root}")  # it ends by saying how to see the runs
 
     manager = CheckpointManager(root)
     records = {h: manager.read_experiment(h) for h in manager.experiments()}
