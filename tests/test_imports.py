@@ -45,7 +45,7 @@ LAYERS: dict[str, list[str]] = {
                       "restorer", "system"],
     "surface": ["process", "registration", "maintenance", "portable", "components", "cli", "cli.commands",
                 "integrations", "integrations.transformers", "integrations.accelerate", "integrations.lightning",
-                "cli.catalog", "__init__", "__main__"],
+                "cli.catalog", "cli.comparison", "ui", "ui.site", "ui.page", "ui.server", "__init__", "__main__"],
 }
 LEVEL = {module: level for level, modules in enumerate(LAYERS.values()) for module in modules}
 TORCH_FREE = set(LAYERS["base"] + LAYERS["policy"] + LAYERS["storage"])

@@ -660,13 +660,15 @@ class Catalog:
                               best=best.get(h, {}), highest=highest.get(h, {}))
                 for h, parent, reason, branch, created, first, last, n, alone, dropped, archived in rows]
 
-    def checkpoints(self, experiment: str | None = None) -> list[CheckpointRow]:
+    def checkpoints(self, experiment: str | None = None, *, refresh: bool = True) -> list[CheckpointRow]:
         """The committed checkpoints of the root, or of one experiment (its hash, or a name of it),
-        oldest first (by the commit time recorded in each manifest, then step)."""
-        return self._recovering(lambda: self._checkpoints(experiment))
+        oldest first (by the commit time recorded in each manifest, then step). ``refresh=False``
+        reads the index as the last query left it (a caller that just refreshed)."""
+        return self._recovering(lambda: self._checkpoints(experiment, refresh))
 
-    def _checkpoints(self, experiment: str | None) -> list[CheckpointRow]:
-        self._refresh(rebuild=False)
+    def _checkpoints(self, experiment: str | None, refresh: bool = True) -> list[CheckpointRow]:
+        if refresh:
+            self._refresh(rebuild=False)
         db = self._db
         if experiment is None:
             rows = db.execute(f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints AS c ORDER BY c.created_ns, c.step")
@@ -682,6 +684,43 @@ class Catalog:
         for cid, name, value in metric_rows:
             metrics.setdefault(cid, {})[name] = _float_or_nan(value)
         return [self._row(r, metrics.get(r[0], {})) for r in found]
+
+    # --- what the index knows of blobs and names (as the last refresh left it) ---------------------
+    def bytes_alone(self, experiment: str, step: int) -> int:
+        """Stored bytes only checkpoint ``experiment@step`` references: what deleting it (then gc) frees."""
+        return self._recovering(lambda: int(self._db.execute(
+            "SELECT TOTAL(b.nbytes) FROM blobs AS b JOIN checkpoints AS c ON c.id = b.checkpoint_id "
+            "WHERE c.experiment = ? AND c.step = ? AND NOT EXISTS (SELECT 1 FROM blobs AS o WHERE "
+            "o.digest = b.digest AND o.checkpoint_id != b.checkpoint_id)", (experiment, step)).fetchone()[0] or 0))
+
+    def names_of(self, experiment: str) -> tuple[str, ...]:
+        """The human names pointing at ``experiment``, sorted."""
+        return self._recovering(lambda: tuple(n for (n,) in self._db.execute(
+            "SELECT name FROM names WHERE experiment = ? ORDER BY name", (experiment,))))
+
+    def parent_of(self, experiment: str) -> tuple[str | None, str | None]:
+        """(the ``<hash>@<step>`` ``experiment`` branched from, why), or (None, None)."""
+        def work() -> tuple[str | None, str | None]:
+            found = self._db.execute("SELECT parent, reason FROM experiments WHERE hash = ?", (experiment,)).fetchone()
+            return (found[0], found[1]) if found else (None, None)
+        return self._recovering(work)
+
+    def live_digests(self) -> set[str]:
+        """The digest of every blob a committed checkpoint references (delta bases, archive anchors and
+        links included): what garbage collection keeps."""
+        return self._recovering(lambda: {d for (d,) in self._db.execute("SELECT DISTINCT digest FROM blobs")})
+
+    def referenced_bytes(self) -> tuple[dict[str, int], int]:
+        """({experiment: bytes of the distinct blobs its checkpoints reference}, bytes of every distinct
+        blob referenced in the root)."""
+        def work() -> tuple[dict[str, int], int]:
+            per = {h: int(n) for h, n in self._db.execute(
+                "SELECT experiment, TOTAL(nbytes) FROM (SELECT c.experiment AS experiment, MAX(b.nbytes) AS nbytes "
+                "FROM blobs AS b JOIN checkpoints AS c ON c.id = b.checkpoint_id GROUP BY c.experiment, b.digest) "
+                "GROUP BY experiment")}
+            total = self._db.execute("SELECT TOTAL(n) FROM (SELECT MAX(nbytes) AS n FROM blobs GROUP BY digest)")
+            return per, int(total.fetchone()[0] or 0)
+        return self._recovering(work)
 
     def best(self, experiment: str, metric: str, mode: str = "min") -> CheckpointRow | None:
         """The checkpoint of ``experiment`` (its hash, or a name of it) with the lowest ``metric``

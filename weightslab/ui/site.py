@@ -14,7 +14,6 @@ them), and a remote root is read through the command line's mirror of its manife
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -157,7 +156,7 @@ class Site:
     def overview(self) -> Overview:
         with self.catalog() as catalog:
             experiments = catalog.experiments()
-            checkpoints = catalog.checkpoints()
+            checkpoints = catalog.checkpoints(refresh=False)  # (experiments() just refreshed the index)
             storage = _storage(catalog, experiments)
         metrics = sorted({name for row in checkpoints for name in row.metrics})
         changes = {row.hash: self._changes(row.hash) for row in experiments if row.parent}
@@ -202,14 +201,8 @@ class Site:
                 raise CheckpointNotFoundError(f"{ref!r}: the catalog has no checkpoint {experiment}@{step} (deleted "
                                               "meanwhile?)")
             row = rows[0]
-            db = _db(catalog)
-            alone = _scalar(db, "SELECT TOTAL(b.nbytes) FROM blobs AS b JOIN checkpoints AS c ON c.id = b.checkpoint_id "
-                                "WHERE c.experiment = ? AND c.step = ? AND NOT EXISTS (SELECT 1 FROM blobs AS o WHERE "
-                                "o.digest = b.digest AND o.checkpoint_id != b.checkpoint_id)", (experiment, step))
-            names = tuple(n for (n,) in db.execute("SELECT name FROM names WHERE experiment = ? ORDER BY name",
-                                                  (experiment,)))
-            found = db.execute("SELECT parent, reason FROM experiments WHERE hash = ?", (experiment,)).fetchone()
-        parent, reason = found if found else (None, None)
+            alone, names = catalog.bytes_alone(experiment, step), catalog.names_of(experiment)
+            parent, reason = catalog.parent_of(experiment)
         codec = max_abs = rel_l2 = None
         if not row.exact:  # the codec and its error are in the manifest, not the catalog
             manifest = self.manager().read_manifest(Path(row.path))
@@ -231,7 +224,7 @@ class Site:
         ``grace_seconds`` are left. Without the lock it is a snapshot: a save committing meanwhile
         can make it stale, never the root different. Sharded saves' directories are not counted."""
         with self.catalog() as catalog:
-            live = {d for (d,) in _db(catalog).execute("SELECT DISTINCT digest FROM blobs")}
+            live = catalog.live_digests()
         if self.root.remote is not None:  # the bucket's packs are not in the mirror: nothing known here
             return Reclaimable(bytes_freed=0, packs_deleted=0, packs_rewritten=0, bytes_dead_kept=0, bytes_live=0,
                                live_blobs=len(live))
@@ -298,25 +291,9 @@ class Site:
 
 
 def _storage(catalog: Catalog, rows: list[ExperimentRow]) -> Storage:
-    db = _db(catalog)
-    referenced = dict(db.execute(
-        "SELECT experiment, TOTAL(nbytes) FROM (SELECT c.experiment AS experiment, MAX(b.nbytes) AS nbytes "
-        "FROM blobs AS b JOIN checkpoints AS c ON c.id = b.checkpoint_id GROUP BY c.experiment, b.digest) "
-        "GROUP BY experiment"))
-    total = _scalar(db, "SELECT TOTAL(n) FROM (SELECT MAX(nbytes) AS n FROM blobs GROUP BY digest)", ())
-    shared = {r.hash: max(int(referenced.get(r.hash, 0)) - r.bytes_alone, 0) for r in rows}
-    return Storage(rows=rows, shared=shared, total=int(total))
-
-
-def _db(catalog: Catalog) -> sqlite3.Connection:
-    # The catalog has no public query for blob sharing per checkpoint; its tables (documented in
-    # catalog.py) are read through its own connection, after the refresh its queries ran.
-    return catalog._db
-
-
-def _scalar(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> float:
-    value = db.execute(sql, params).fetchone()[0]
-    return float(value or 0)
+    referenced, total = catalog.referenced_bytes()
+    shared = {r.hash: max(referenced.get(r.hash, 0) - r.bytes_alone, 0) for r in rows}
+    return Storage(rows=rows, shared=shared, total=total)
 
 
 def _number(value: Any) -> float | None:
