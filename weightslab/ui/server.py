@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
+import sys
 import threading
 import urllib.parse
 from http import HTTPStatus
@@ -188,6 +189,13 @@ class _HttpServer(ThreadingHTTPServer):
     daemon_threads = False  # joined by server_close(): no request thread outlives shutdown()
     block_on_close = True
     ui: "UiServer"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A browser that navigated away while its request was answered closed the connection: that
+        # is not an error of the page (socketserver would print a traceback for it).
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class UiServer:
