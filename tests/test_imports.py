@@ -30,7 +30,7 @@ from .support import REPO, run_python
 PACKAGE = REPO / "weightslab"
 
 LAYERS: dict[str, list[str]] = {
-    "base": ["errors", "_version", "canonical"],
+    "base": ["errors", "_version", "canonical", "units"],
     "policy": ["triggers", "retention", "refs", "distributed.ranks"],
     "storage": ["storage", "storage.identifiers", "storage.atomic", "storage.layout", "storage.encoding",
                 "storage.store", "storage.manifest", "storage.shardfiles", "storage.experiment", "storage.names",

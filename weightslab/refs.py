@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Ref", "parse_ref", "check_name", "NAME_RULE"]
+__all__ = ["Ref", "parse_ref", "check_name", "short", "short_ref", "NAME_RULE"]
 
 _HASH_PREFIX = r"[0-9a-f]{4,16}"
 _NAME = r"[A-Za-z][A-Za-z0-9._-]{0,63}"
@@ -83,3 +83,16 @@ def parse_ref(ref: str | os.PathLike[str]) -> Ref:
                          "'<hash or name>@latest', '<hash or name>@best[:<metric>[:max]]' or a path to a "
                          "checkpoint manifest")
     return Ref(text=ref, path=Path(ref))
+
+
+def short(exp_hash: str | None) -> str:
+    """An experiment hash as people read it: its first 8 characters (``"-"`` for none)."""
+    return exp_hash[:8] if exp_hash else "-"
+
+
+def short_ref(ref: str | None) -> str:
+    """``<hash>@<step>`` with the hash shortened (``"-"`` for none)."""
+    if not ref:
+        return "-"
+    exp, _, step = ref.partition("@")
+    return f"{exp[:8]}@{step}" if step else exp[:8]

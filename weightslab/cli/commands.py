@@ -20,6 +20,8 @@ import yaml
 
 from .._version import __version__
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, NotARootError, WeightslabError
+from ..refs import short, short_ref
+from ..units import size
 from ..storage.experiment import ExperimentRecord
 from ..storage.layout import Layout
 from ..storage.names import read_names
@@ -66,16 +68,6 @@ class Out:
 
     def json(self, value: Any) -> None:
         self.stream.write(json.dumps(value, indent=1, sort_keys=False, default=str) + "\n")
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _cut(text: str, width: int) -> str:
@@ -156,17 +148,6 @@ def _experiment(manager: Any, ref: str) -> str:
     return _entry(manager, f"{ref}@latest" if bare else ref).experiment
 
 
-def _short(h: str | None) -> str:
-    return h[:8] if h else "-"
-
-
-def _short_ref(ref: str | None) -> str:
-    if not ref:
-        return "-"
-    exp, _, step = ref.partition("@")
-    return f"{exp[:8]}@{step}" if step else exp[:8]
-
-
 def _pick_metric(row: Any, wanted: str | None) -> tuple[str, float] | None:
     """The BEST cell: ``--metric NAME`` (lowest wins) or ``NAME:max``; by default loss, else the first."""
     name, _, mode = (wanted or "").partition(":")
@@ -200,8 +181,8 @@ def cmd_ls(args: argparse.Namespace, out: Out) -> int:
         # CKPTS: committed ("~N": N of them in the lossy archive), and "+N" saves replaced before they
         # were written (backpressure="latest")
         count = str(r.checkpoints) + (f"~{r.archived}" if r.archived else "") + (f"+{r.dropped}" if r.dropped else "")
-        table.append([_short(r.hash), ",".join(r.names) or "-", _short_ref(r.parent), r.reason or "-", steps,
-                      count, _size(r.bytes_alone),
+        table.append([short(r.hash), ",".join(r.names) or "-", short_ref(r.parent), r.reason or "-", steps,
+                      count, size(r.bytes_alone),
                       f"{best[0]} {_number(best[1])}" if best else "-"])
         table[-1][3] = _REASONS.get(table[-1][3], table[-1][3])
     _table(out, ["HASH", "NAME", "PARENT", "REASON", "STEPS", "CKPTS", "ALONE", "BEST"], table,
@@ -249,13 +230,13 @@ def cmd_log(args: argparse.Namespace, out: Out) -> int:
             f"steps {r.first_step}-{r.last_step}, {r.checkpoints} checkpoint{'s' * (r.checkpoints != 1)}" + \
             (f" ({r.archived} in the lossy archive)" if r.archived else "") + \
             (f" ({r.dropped} replaced by newer saves)" if r.dropped else "")
-        text = _cut(f"{prefix}{branch}* {_short(h)}{names}  {steps}", WIDTH)
-        out.line(text.replace(f"* {_short(h)}", f"* {out.paint(_short(h), '33')}", 1))
+        text = _cut(f"{prefix}{branch}* {short(h)}{names}  {steps}", WIDTH)
+        out.line(text.replace(f"* {short(h)}", f"* {out.paint(short(h), '33')}", 1))
         inner = prefix + ("" if top else ("    " if last else "|   "))
         if rec is not None and rec.parent is not None:
             what = "; ".join(rec.parent.changes) or "no readable difference"
             out.line(_cut(f"{inner}{'|' if children.get(h) else ' '}   {rec.parent.reason} at "
-                          f"{_short_ref(rec.parent.ref)}: {what}", WIDTH))
+                          f"{short_ref(rec.parent.ref)}: {what}", WIDTH))
         kids = [c for c in children.get(h, []) if c in records]
         for i, child in enumerate(kids):
             show(child, inner, i == len(kids) - 1, False)
@@ -311,7 +292,7 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     out.line(f"reasons     {', '.join(manifest.reasons)}")
     if metrics:
         out.line(_cut("metrics     " + ", ".join(f"{k}={_number(float(v))}" for k, v in metrics.items()), WIDTH))
-    out.line(f"tensors     {len(manifest.tensors)}, {_size(manifest.total_bytes)} stored ({_size(raw)} raw)")
+    out.line(f"tensors     {len(manifest.tensors)}, {size(manifest.total_bytes)} stored ({size(raw)} raw)")
     if not manifest.exact:  # (a checkpoint of the lossy archive: what it is, its errors, how to resume it)
         archive, worst = manifest.archive, sorted(((t.rel_l2, k, t) for k, t in manifest.tensors.items()
                                                     if not t.exact), reverse=True)
@@ -397,7 +378,7 @@ def cmd_verify(args: argparse.Namespace, out: Out) -> int:
                   "damaged": [{"ref": r, "problem": why} for r, why in report.damaged]})
     else:
         verdict = out.paint("all verify", "32") if report.ok else out.paint(f"{len(report.damaged)} damaged", "31")
-        out.line(f"{len(report.checked)} checkpoints, {report.blobs} blobs ({_size(report.nbytes)}) checked: "
+        out.line(f"{len(report.checked)} checkpoints, {report.blobs} blobs ({size(report.nbytes)}) checked: "
                  f"{verdict}")
         for ref, why in report.damaged:
             out.line(f"  {ref}: {why}")
@@ -454,7 +435,7 @@ def cmd_prune(args: argparse.Namespace, out: Out) -> int:
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     out.line(f"{verb} {len(plan.delete)} of {len(plan.delete) + len(plan.keep)} checkpoints; `weightslab gc` then "
-             f"frees {_size(freed)}")
+             f"frees {size(freed)}")
     for ref in plan.delete_refs:
         out.line(f"  - {ref}")
     if retention.archive is not None:
@@ -501,7 +482,7 @@ def cmd_export(args: argparse.Namespace, out: Out) -> int:
     if args.json:
         out.json({"ref": entry.ref, "path": str(path), "bytes": path.stat().st_size})
     else:
-        out.line(f"wrote {entry.ref} to {path} ({_size(path.stat().st_size)})")
+        out.line(f"wrote {entry.ref} to {path} ({size(path.stat().st_size)})")
     return 0
 
 
@@ -525,7 +506,7 @@ def cmd_resume_info(args: argparse.Namespace, out: Out) -> int:
     for kind, label in labels.items():
         out.line(_cut(f"  {label:<17} {', '.join(groups[kind]) or '-'}", WIDTH))
     out.line(_cut(f"  {'random generators':<17} {', '.join(rng) or '-'} (restored last)", WIDTH))
-    out.line(f"  {len(manifest.tensors)} tensors, {_size(manifest.total_bytes)}, every byte verified on the way in")
+    out.line(f"  {len(manifest.tensors)} tensors, {size(manifest.total_bytes)}, every byte verified on the way in")
     out.line("  it must be registered under the same names, with the same architecture")
     return 0
 

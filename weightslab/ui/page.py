@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from ..refs import short, short_ref
+from ..units import size
+
 if TYPE_CHECKING:
     from ..cli.catalog import CheckpointRow, ExperimentRow
     from ..cli.comparison import Comparison
@@ -49,29 +52,8 @@ def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def number(value: float) -> str:
     return f"{value:.6g}" if math.isfinite(value) else str(value)
-
-
-def short(h: str | None) -> str:
-    return h[:8] if h else "-"
-
-
-def short_ref(ref: str | None) -> str:
-    if not ref:
-        return "-"
-    exp, _, step = ref.partition("@")
-    return f"{exp[:8]}@{step}" if step else exp[:8]
 
 
 # --- the page ---------------------------------------------------------------------------------------
