@@ -351,3 +351,52 @@ def test_a_sigkill_during_demotion_leaves_every_checkpoint_exact_or_archived_and
     assert [read_manifest(root, exp, s).get("exact", True) for s in range(1, 10)] == [True] + [False] * 6 + [True] * 2
     assert wl.verify(root=root).ok
     assert np.isfinite([read_manifest(root, exp, s)["archive"]["max_abs"] for s in range(2, 8)]).all()
+
+
+def test_a_slow_demotion_never_holds_up_the_next_saves(root, monkeypatch):
+    """Demotions run on their own thread (weightslab-archiver): while one is held back, later saves
+    are still written; once it goes on, every pass queued meanwhile has been done."""
+    import threading
+    import time
+
+    from weightslab.storage.archive import Demoter
+    from weightslab.storage.layout import Layout
+
+    entered, gate, threads = threading.Event(), threading.Event(), set()
+    real = Demoter._demote
+
+    def held(self, demotion):
+        threads.add(threading.current_thread().name)
+        entered.set()
+        assert gate.wait(60)
+        return real(self, demotion)
+
+    monkeypatch.setattr(Demoter, "_demote", held)
+    torch.manual_seed(0)
+    system = wl.get_checkpoint_system(root_log_dir=str(root), checkpoint_frequency=1,
+                                      retention=Retention(policies=(KeepLast(n=2),), archive=Archive.of("lc")))
+    model = wl.register_model(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)))
+    opt = wl.register_optimizer(torch.optim.Adam(model.parameters(), lr=1e-2))
+    x = torch.randn(64, 32)
+
+    def step(i):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        system.checkpoint_on_step(i)
+
+    for i in range(1, 5):
+        step(i)
+    assert entered.wait(30)  # the demotion of step 2 has started, and is held
+    for i in range(5, 9):
+        step(i)
+    exp, layout = system.experiment_hash, Layout(root)
+    deadline = time.monotonic() + 30
+    while not layout.manifest(exp, 8).exists():  # written while the demotion is held
+        assert time.monotonic() < deadline, "the saves waited for the demotion"
+        time.sleep(0.05)
+    gate.set()
+    system.wait()
+    assert threads == {"weightslab-archiver"}
+    assert [read_manifest(root, exp, s).get("exact", True) for s in range(1, 9)] == [True] + [False] * 5 + [True] * 2
+    system.close()

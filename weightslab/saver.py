@@ -31,6 +31,7 @@ tensors with torch.distributed.checkpoint, and rank 0 alone commits the one mani
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -90,6 +91,12 @@ class Saver:
         self._writer = writer
         self._backpressure = backpressure
         self._retention = retention if retention is not None and not retention.keeps_everything else None
+        # Demoting to the lossy archive re-encodes whole checkpoints (seconds for a large model): on a
+        # thread of its own, so that the next save's write never waits for it.
+        self._archiver = Writer(max_pending=2, name="weightslab-archiver") \
+            if self._retention is not None and self._retention.archive is not None else None
+        self._retain_lock = threading.Lock()
+        self._to_retain: set[str] = set()  # experiments saved since the archiver's last pass started
         self._clock = clock
         self.snapshotter = Snapshotter()
         self._in_flight: Snapshot | None = None  # the last snapshot whose copy may still be running
@@ -373,10 +380,28 @@ class Saver:
     def _apply_retention(self, manifest: Manifest) -> None:
         if self._retention is None:
             return
+        if self._archiver is None:
+            self._retain([manifest.experiment], manifest.ref)
+            return
+        # One pass at most waits behind the running one, and takes every experiment saved since:
+        # each plans from what is on disk when it runs.
+        with self._retain_lock:
+            queued = bool(self._to_retain)
+            self._to_retain.add(manifest.experiment)
+        if not queued:
+            self._archiver.submit(f"retention after {manifest.ref}", lambda: self._retain_queued(manifest.ref))
+
+    def _retain_queued(self, ref: str) -> None:
+        with self._retain_lock:
+            experiments, self._to_retain = sorted(self._to_retain), set()
+        self._retain(experiments, ref)
+
+    def _retain(self, experiments: list[str], ref: str) -> None:
+        assert self._retention is not None
         try:
-            plan = self._manager.apply_retention(self._retention, experiments=[manifest.experiment])
+            plan = self._manager.apply_retention(self._retention, experiments=experiments)
         except Exception as exc:  # the checkpoint itself is committed: report, do not fail it
-            log.warning("retention after checkpoint %s failed: %s: %s", manifest.ref, type(exc).__name__, exc)
+            log.warning("retention after checkpoint %s failed: %s: %s", ref, type(exc).__name__, exc)
             self._failures.keep(exc)
             return
         event = Pruned.of(plan.delete, layout=self._manager.layout, root=self._manager.root) \
@@ -454,9 +479,12 @@ class Saver:
             snap.before_mutation()
 
     def wait(self) -> None:
-        """Until every save taken so far is durable (failures are kept, not raised)."""
+        """Until every save taken so far is durable and retention (with its archive) has run on it
+        (failures are kept, not raised)."""
         self.settle()
         self._writer.wait()
+        if self._archiver is not None:  # (after the writer: its last commit queues the last pass)
+            self._archiver.wait()
         self.wait_shards()
 
     def wait_shards(self) -> None:
@@ -475,6 +503,8 @@ class Saver:
         """Finish every queued save, stop the writer, free the snapshot buffers."""
         self.settle()
         self._writer.close()
+        if self._archiver is not None:
+            self._archiver.close()
         self.wait_shards()
         self.snapshotter.close()
         self.claims.close()
