@@ -86,6 +86,8 @@ def trained(tmp_path_factory) -> tuple[Path, dict]:
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    # no connections opened ahead of need: each would hold one of the server's request threads
+    options.add_experimental_option("prefs", {"net.network_prediction_options": 2})
     # (the background-networking flags: this machine's closed network refuses Chromium's own connections)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -179,3 +181,4 @@ def test_hostile_values_are_shown_as_text_and_never_run(page):
     assert _pwned(driver) is None
     driver.get(server.url)
     assert _pwned(driver) is None
+    driver.get("about:blank")  # (the page's own requests are over before the test ends)

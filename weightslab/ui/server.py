@@ -41,8 +41,10 @@ __all__ = ["UiServer", "make_server", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
-#: Seconds a connection may take to send its request before its thread gives up.
-REQUEST_TIMEOUT_SECONDS = 30.0
+#: Seconds a connection may take to send its request before its thread gives up. Short: a browser
+#: opens connections ahead of need (preconnects) that may never carry a request, and each holds a
+#: thread until this passes; one that is closed is simply opened again when needed.
+REQUEST_TIMEOUT_SECONDS = 3.0
 #: A POST body larger than this is refused (a form with a ref and a token is a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
 
