@@ -400,3 +400,89 @@ def test_a_slow_demotion_never_holds_up_the_next_saves(root, monkeypatch):
     assert threads == {"weightslab-archiver"}
     assert [read_manifest(root, exp, s).get("exact", True) for s in range(1, 9)] == [True] + [False] * 5 + [True] * 2
     system.close()
+
+
+def test_a_manual_sgd_loop_with_an_ema_copy_is_archived_within_its_recorded_errors(root):
+    """Written the way real scripts write tensors: parameters moved through ``.data`` (no optimizer),
+    an EMA ``copy.deepcopy`` of the model registered as a second model and updated through numpy
+    views, the model saved whole with torch.save. Each archived checkpoint decodes both models within
+    the errors its manifest records; the ring resumes bit for bit."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    system = wl.get_checkpoint_system(root_log_dir=str(root), checkpoint_frequency=1,
+                                      retention=Retention(policies=(KeepLast(n=2),), archive=Archive.of("lc")))
+    model = wl.register_model(nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 4)))
+    ema = copy.deepcopy(model)
+    wl.register_model("ema", ema)
+    x, y = torch.randn(64, 32), torch.randn(64, 4)
+    live = {}
+    for step in range(1, 9):
+        model.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-0.05)  # manual SGD
+        for e, p in zip(ema.parameters(), model.parameters()):
+            view = e.detach().numpy()  # written through a numpy view of the EMA copy
+            view *= 0.9
+            view += 0.1 * p.detach().numpy()
+        system.checkpoint_on_step(step)
+        live[step] = {f"models/{name}/{k}": v.detach().clone() for name, m in (("main", model), ("ema", ema))
+                      for k, v in m.state_dict().items()}
+    torch.save(model, io.BytesIO())  # (a registered model still pickles whole)
+    system.wait()
+    exp = system.experiment_hash
+    manager = CheckpointManager(root)
+    archived = 0
+    for step in range(1, 9):
+        manifest = manager.read_manifest(manager.layout.manifest(exp, step))
+        tensors = load_tensors(manager, manifest)
+        for key, value in live[step].items():
+            entry = manifest.tensors[key]
+            if entry.exact:
+                assert torch.equal(tensors[key], value), (step, key)
+            else:
+                archived += 1
+                err = float((tensors[key].double() - value.double()).abs().max())
+                assert err == pytest.approx(entry.max_abs, rel=1e-5, abs=1e-12), (step, key)
+    assert archived > 0 and [manifest.exact for manifest in
+                             (manager.read_manifest(manager.layout.manifest(exp, s)) for s in (1, 7, 8))] == [True] * 3
+    assert system.resume("latest") == 8
+    assert all(torch.equal(v, live[8][f"models/main/{k}"]) for k, v in model.state_dict().items())
+    system.close()
+
+
+def test_optimizer_state_no_codec_can_bound_stays_exact_and_archiving_goes_on(root):
+    """A field named like a second moment that holds negative values is coded as a plain moment, and a
+    tensor with NaN in it (or in the checkpoint before) stays exact: the demotion neither fails nor
+    retries forever."""
+    torch.manual_seed(0)
+    system = wl.get_checkpoint_system(root_log_dir=str(root), checkpoint_frequency=1,
+                                      retention=Retention(policies=(KeepLast(n=2),), archive=Archive.of("lc")))
+    model = wl.register_model(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)))
+    opt = wl.register_optimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    x = torch.randn(64, 32)
+    first = next(model.parameters())
+    for step in range(1, 7):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.state[first]["exp_avg_sq"] = -torch.rand_like(first)  # a custom field, negative
+        trace = torch.full_like(first, 0.1 * step)  # another custom field (training never reads either)
+        if step == 2:
+            trace[0, 0] = float("nan")  # checkpoint 2 holds a NaN; 3 is finite, but the one before is not
+        opt.state[first]["trace"] = trace
+        system.checkpoint_on_step(step)
+    system.wait()  # (would raise the kept error of a demotion that failed)
+    exp = system.experiment_hash
+    for step in (2, 3, 4):
+        body = read_manifest(root, exp, step)
+        assert body["exact"] is False, step
+        trace, custom = (body["tensors"][f"optimizers/main/state/0/{k}"] for k in ("trace", "exp_avg_sq"))
+        assert trace.get("exact", True) == (step in (2, 3)), step  # NaN in it, or in the one before
+        assert custom.get("exact", True) is False  # coded, as a plain moment
+        state = wl.load(f"{exp}@{step}", root=root)["optimizers"]["main"]["state"][0]
+        assert bool(torch.isnan(state["trace"][0, 0])) == (step == 2)
+        assert float(state["exp_avg_sq"].min()) < 0.0  # (not coded as a second moment: those never go below 0)
+    system.close()

@@ -179,12 +179,13 @@ class Demoter:
             for key in group:
                 entry = target.tensors[key]
                 assert isinstance(entry, TensorEntry)
-                values = lossy.to_compute(self._store.read(entry.blob, checkpoint=target.ref), entry.dtype)
-                if not np.isfinite(values).all():
-                    decoded[key] = values
+                values, before = lossy.to_compute(self._store.read(entry.blob, checkpoint=target.ref),
+                                                  entry.dtype), base.values[key]
+                if not (np.isfinite(values).all() and np.isfinite(before).all()):
+                    decoded[key] = values  # (no codec bounds an error on inf or NaN: it stays exact)
                     continue
-                members.append(lossy.Member(key=key, dtype=entry.dtype, target=values, base=base.values[key],
-                                            role=self._role(key)))
+                members.append(lossy.Member(key=key, dtype=entry.dtype, target=values, base=before,
+                                            role=self._role(key, values, before)))
             for member, result in zip(members, lossy.encode_group(self.archive.codec, members) if members else ()):
                 entry = target.tensors[member.key]
                 assert isinstance(entry, TensorEntry)
@@ -287,10 +288,13 @@ class Demoter:
                 groups.setdefault(key, []).insert(0, key)
         return list(groups.values())
 
-    def _role(self, key: str) -> str:
-        if key.startswith("optimizers/"):
-            return "second_moment" if key.rsplit("/", 1)[-1] in SECOND_MOMENTS else "moment"
-        return "weight"
+    @staticmethod
+    def _role(key: str, values: np.ndarray, before: np.ndarray) -> str:
+        if not key.startswith("optimizers/"):
+            return "weight"
+        if key.rsplit("/", 1)[-1] in SECOND_MOMENTS and values.min(initial=0) >= 0 and before.min(initial=0) >= 0:
+            return "second_moment"
+        return "moment"  # (another optimizer's field of that name may hold negative values: a plain moment)
 
 
 def _parameter_keys(state: Mapping[str, Any]) -> dict[str, list[str | None]]:
