@@ -20,7 +20,8 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import AbstractSet as Set
+from typing import Any, Callable, Iterable
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, WeightslabError
 from .identifiers import is_experiment_hash
@@ -28,8 +29,9 @@ from .layout import PACK_SUFFIX, Layout
 from .manager import CheckpointManager
 from .manifest import Manifest
 from .remote import RemoteRoot, modified
+from .store import PackInfo
 
-__all__ = ["GcReport", "collect", "collect_remote"]
+__all__ = ["GcReport", "PackSweep", "collect", "collect_remote", "sweep_packs"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,53 @@ class _Links:
         return False
 
 
+@dataclass(frozen=True)
+class PackSweep:
+    """What collection does to the packs of a root, given the digests checkpoints reference:
+    decided, not done (no lock, no deletion). ``bytes_freed`` is what deleting and rewriting frees
+    (a rewritten pack's dead bytes; its header shrinks a little more)."""
+
+    delete: tuple[PackInfo, ...]  # packs with no live blob
+    rewrite: tuple[tuple[PackInfo, frozenset[str]], ...]  # mostly dead packs, with the digests they keep
+    bytes_freed: int
+    bytes_dead_kept: int  # dead bytes left in place: young packs, mostly live packs, packs it may not touch
+    bytes_live: int  # stored bytes of the live blobs (each once)
+    live_blobs: int
+
+
+def sweep_packs(packs: Iterable[PackInfo], live: Set[str], *, now: float, grace_seconds: float,
+                repack_below: float, deletable: Callable[[PackInfo], bool] = lambda info: True) -> PackSweep:
+    """Collection's rule for packs: one with no live blob is deleted, one whose live bytes are below
+    ``repack_below`` of it is rewritten, and any younger than ``grace_seconds`` (a writer on another
+    machine may be about to reference it) or not ``deletable`` is left. Used by :func:`collect` under
+    the store's lock, and without it for a dry-run figure (``weightslab ui``)."""
+    delete: list[PackInfo] = []
+    rewrite: list[tuple[PackInfo, frozenset[str]]] = []
+    freed = dead_kept = live_bytes = 0
+    counted: set[str] = set()
+    for info in packs:
+        alive = [b for b in info.blobs if b.digest in live]
+        for b in alive:
+            if b.digest not in counted:
+                counted.add(b.digest)
+                live_bytes += b.nbytes
+        dead = sum(b.nbytes for b in info.blobs if b.digest not in live)
+        if dead == 0:
+            continue
+        kept = sum(b.nbytes for b in alive)
+        if now - info.mtime < grace_seconds or (alive and kept >= repack_below * (kept + dead)) or \
+                not deletable(info):
+            dead_kept += dead
+        elif not alive:
+            delete.append(info)
+            freed += info.size
+        else:
+            rewrite.append((info, frozenset(b.digest for b in alive)))
+            freed += dead
+    return PackSweep(delete=tuple(delete), rewrite=tuple(rewrite), bytes_freed=freed, bytes_dead_kept=dead_kept,
+                     bytes_live=live_bytes, live_blobs=len(counted))
+
+
 def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_below: float = 0.5,
             dry_run: bool = False) -> GcReport:
     """Delete or rewrite packs holding blobs that no committed checkpoint references.
@@ -125,40 +174,21 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
             if shards is not None:
                 live_shards.add(shards[0])
         now = time.time()
-        deleted = rewritten = freed = live_bytes = dead_kept = live_count = 0
-        counted: set[str] = set()
         links = sum(_skip_link(path) for path in layout.objects_links())
         deletable = layout.contains(layout.objects_dir)
         if not deletable and layout.objects_dir.is_dir():
             links += _skip_link(layout.objects_dir)
-        for info in store.packs():
-            alive = [b for b in info.blobs if b.digest in live]
-            for b in alive:
-                if b.digest not in counted:
-                    counted.add(b.digest)
-                    live_count += 1
-                    live_bytes += b.nbytes
-            dead = sum(b.nbytes for b in info.blobs if b.digest not in live)
-            if dead == 0:
-                continue
-            kept = sum(b.nbytes for b in alive)
-            if now - info.mtime < grace_seconds or (alive and kept >= repack_below * (kept + dead)) or \
-                    not deletable or not layout.contains(info.path):
-                dead_kept += dead
-                continue
-            if not alive:
-                deleted += 1
+        sweep = sweep_packs(store.packs(), live, now=now, grace_seconds=grace_seconds, repack_below=repack_below,
+                            deletable=lambda info: deletable and layout.contains(info.path))
+        freed = sweep.bytes_freed
+        if not dry_run:  # (what was freed, counted from the files: a rewritten pack's header shrinks too)
+            freed = 0
+            for info in sweep.delete:
+                store.delete_pack(info)
                 freed += info.size
-                if not dry_run:
-                    store.delete_pack(info)
-                continue
-            rewritten += 1
-            if dry_run:
-                freed += dead
-                continue
-            new_pack = store.repack(info, {b.digest for b in alive})
-            new_size = store.layout.pack(new_pack).stat().st_size if new_pack else 0
-            freed += info.size - new_size
+            for info, keep in sweep.rewrite:
+                new_pack = store.repack(info, set(keep))
+                freed += info.size - (store.layout.pack(new_pack).stat().st_size if new_pack else 0)
         # Sharded saves (a directory per checkpoint, written by every rank of a job) whose manifest
         # retention deleted, or that never committed; young ones may be a save still being written.
         shard_sets = 0
@@ -179,9 +209,9 @@ def collect(manager: CheckpointManager, *, grace_seconds: float = 300.0, repack_
                 freed += sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and not f.is_symlink())
                 if not dry_run:
                     shutil.rmtree(directory)
-    report = GcReport(packs_deleted=deleted, packs_rewritten=rewritten, bytes_freed=freed, bytes_live=live_bytes,
-                      bytes_dead_kept=dead_kept, live_blobs=live_count, dry_run=dry_run, shard_sets_deleted=shard_sets,
-                      links_skipped=links)
+    report = GcReport(packs_deleted=len(sweep.delete), packs_rewritten=len(sweep.rewrite), bytes_freed=freed,
+                      bytes_live=sweep.bytes_live, bytes_dead_kept=sweep.bytes_dead_kept, live_blobs=sweep.live_blobs,
+                      dry_run=dry_run, shard_sets_deleted=shard_sets, links_skipped=links)
     log.info("garbage collection under %s: %s", manager.root, report)
     return report
 

@@ -24,7 +24,8 @@ from ..units import size
 if TYPE_CHECKING:
     from ..cli.catalog import CheckpointRow, ExperimentRow
     from ..cli.comparison import Comparison
-    from .site import Card, Overview, Reclaimable, Storage
+    from ..storage.garbage import GcReport
+    from .site import Card, Overview, Storage
 
 __all__ = ["esc", "page", "card", "diff", "diff_page", "reclaimable", "error", "MAX_PATH_POINTS", "REASONS"]
 
@@ -425,7 +426,7 @@ def storage_section(storage: Storage) -> str:
             f'<p id="gc"><a href="/gc">what would <code>weightslab gc</code> free?</a></p></section>')
 
 
-def reclaimable(found: Reclaimable, *, remote: bool) -> str:
+def reclaimable(found: GcReport, *, remote: bool) -> str:
     if remote:
         return ('<span class="gc">a remote root\'s packs are not in the local mirror: run <code>weightslab gc '
                 '--dry-run</code> for what gc would delete in the bucket</span>')

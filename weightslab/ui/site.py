@@ -27,9 +27,10 @@ from ..storage.root import Root
 
 if TYPE_CHECKING:
     from ..cli.comparison import Comparison
+    from ..storage.garbage import GcReport
     from ..storage.manager import CheckpointManager
 
-__all__ = ["Site", "Overview", "Card", "Storage", "Reclaimable", "Verification", "REMOTE_REFRESH_SECONDS",
+__all__ = ["Site", "Overview", "Card", "Storage", "Verification", "REMOTE_REFRESH_SECONDS",
            "GC_GRACE_SECONDS", "GC_REPACK_BELOW"]
 
 #: A remote root's mirror is brought up to date at most this often (each pull lists the bucket).
@@ -86,18 +87,6 @@ class Storage:
     rows: list[ExperimentRow]
     shared: dict[str, int]  # experiment -> stored bytes of its blobs other experiments reference too
     total: int  # stored bytes of every blob a checkpoint references (each counted once)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Reclaimable:
-    """What ``weightslab gc`` would free now: the dry-run figures of :func:`weightslab.storage.garbage.collect`."""
-
-    bytes_freed: int
-    packs_deleted: int
-    packs_rewritten: int
-    bytes_dead_kept: int  # dead bytes gc leaves: in packs younger than the grace period, or mostly live
-    bytes_live: int
-    live_blobs: int
 
 
 @dataclass(eq=False)
@@ -216,42 +205,23 @@ class Site:
                     verification=verification, parent=parent, reason=reason)
 
     def reclaimable(self, *, grace_seconds: float = GC_GRACE_SECONDS,
-                    repack_below: float = GC_REPACK_BELOW) -> Reclaimable:
-        """What ``weightslab gc`` (``garbage.collect``) would free now, by its rule, without its lock:
-        live = every blob the catalog's checkpoints reference (delta bases and archive anchors
-        included); a pack with no live blob is freed whole, one whose live bytes are below
-        ``repack_below`` of it is rewritten (its dead bytes freed), packs younger than
-        ``grace_seconds`` are left. Without the lock it is a snapshot: a save committing meanwhile
-        can make it stale, never the root different. Sharded saves' directories are not counted."""
+                    repack_below: float = GC_REPACK_BELOW) -> "GcReport":
+        """What ``weightslab gc`` would free now: its rule (:func:`~weightslab.storage.garbage.sweep_packs`)
+        applied to the catalog's blob references (delta bases and archive anchors and links included)
+        and the pack headers, without gc's exclusive lock, which would make a training commit wait. A
+        snapshot: a save committing meanwhile can make it stale, never the root different. Sharded
+        saves' directories are not counted; on a remote root (its packs are not in the mirror) it is empty."""
+        from ..storage.garbage import GcReport, sweep_packs
+        from ..storage.store import BlobIndex
         with self.catalog() as catalog:
             live = catalog.live_digests()
-        if self.root.remote is not None:  # the bucket's packs are not in the mirror: nothing known here
-            return Reclaimable(bytes_freed=0, packs_deleted=0, packs_rewritten=0, bytes_dead_kept=0, bytes_live=0,
-                               live_blobs=len(live))
-        from ..storage.store import BlobIndex
-        now = time.time()
-        freed = deleted = rewritten = dead_kept = live_bytes = 0
-        counted: set[str] = set()
-        for info in BlobIndex(self.root.layout).packs():
-            alive = [b for b in info.blobs if b.digest in live]
-            for b in alive:
-                if b.digest not in counted:
-                    counted.add(b.digest)
-                    live_bytes += b.nbytes
-            dead = sum(b.nbytes for b in info.blobs if b.digest not in live)
-            if dead == 0:
-                continue
-            kept = sum(b.nbytes for b in alive)
-            if now - info.mtime < grace_seconds or (alive and kept >= repack_below * (kept + dead)):
-                dead_kept += dead
-            elif not alive:
-                deleted += 1
-                freed += info.size
-            else:
-                rewritten += 1
-                freed += dead
-        return Reclaimable(bytes_freed=freed, packs_deleted=deleted, packs_rewritten=rewritten,
-                           bytes_dead_kept=dead_kept, bytes_live=live_bytes, live_blobs=len(counted))
+        layout = self.root.layout
+        packs = [] if self.root.remote is not None else BlobIndex(layout).packs()
+        sweep = sweep_packs(packs, live, now=time.time(), grace_seconds=grace_seconds, repack_below=repack_below,
+                            deletable=lambda info: layout.contains(info.path))
+        return GcReport(packs_deleted=len(sweep.delete), packs_rewritten=len(sweep.rewrite),
+                        bytes_freed=sweep.bytes_freed, bytes_live=sweep.bytes_live,
+                        bytes_dead_kept=sweep.bytes_dead_kept, live_blobs=sweep.live_blobs, dry_run=True)
 
     def compare(self, a: str, b: str) -> "Comparison":
         """``weightslab diff a b`` (imports torch: ImportError where it cannot be imported)."""
