@@ -250,6 +250,8 @@ def test_prune_archive_on_the_command_line(root):
     system.close()
     bad = run_cli("prune", "--keep-last", "2", "--archive", "lc", "--bits", "12", root=root)
     assert bad.returncode == 2 and "bits" in bad.stderr and "1 to 8" in bad.stderr, bad.stderr
+    zero = run_cli("prune", "--keep-last", "2", "--archive", "lc", "--max-chain", "0", root=root)
+    assert zero.returncode == 2 and "max_chain must be an int from 1 to 64, got 0" in zero.stderr, zero.stderr
     lonely = run_cli("prune", "--keep-last", "2", "--bits", "3", root=root)
     assert lonely.returncode == 2 and "--archive" in lonely.stderr
     dry = run_cli("prune", "--keep-last", "2", "--archive", "excp", "--dry-run", "--json", root=root)

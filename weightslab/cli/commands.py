@@ -466,7 +466,8 @@ def _archive(args: argparse.Namespace) -> Any:
                            "--archive lc or --archive excp", 2)
         return None
     from ..storage.archive import Archive
-    return Archive.of(args.archive, max_chain=args.max_chain or 16, optimizer=args.optimizer or "lossy", **settings)
+    given = {k: v for k, v in (("max_chain", args.max_chain), ("optimizer", args.optimizer)) if v is not None}
+    return Archive.of(args.archive, **given, **settings)  # (what is not given: Archive's defaults)
 
 
 # --- export, resume-info, reindex ----------------------------------------------------------------------

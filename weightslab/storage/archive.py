@@ -120,7 +120,9 @@ def read_archived(store: "BlobStore", entry: ArchivedEntry, *, checkpoint: str |
             values = lossy.decode(store.read(link.blob, checkpoint=checkpoint), values, dtype=entry.dtype, size=size)
         except ValueError as exc:
             raise CorruptCheckpointError(f"checkpoint {checkpoint or '?'}: link {i + 1} of an archived tensor "
-                                         f"cannot be decoded ({exc}); it is damaged", path=None) from None
+                                         f"cannot be decoded ({exc}); it is damaged. Load an exact checkpoint "
+                                         "instead, or run wl.verify() to list every damaged one",
+                                         path=None, checkpoint=checkpoint) from None
     return values
 
 
