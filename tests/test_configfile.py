@@ -92,6 +92,18 @@ def _watched(tmp_path: Path, text: str, **kw) -> tuple[Path, LiveConfig, ConfigF
     return path, live, ConfigFile(path, live, debounce=0.05, **kw)
 
 
+def _refused(watched: ConfigFile, path: Path, text: str, caplog) -> list[str]:
+    """Write ``text`` to the watched file, which must be refused (no edit handed over once the
+    watcher settled); return the warnings logged meanwhile."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="weightslab"):
+        seen = watched.events
+        path.write_text(text)
+        assert watched.wait_for_events(seen + 1, timeout=10)
+        assert _poll_until_settled(watched, path) is None
+    return [r.getMessage() for r in caplog.records]
+
+
 def _poll_until_settled(watched: ConfigFile, path: Path, timeout: float = 10.0):
     """Poll like step boundaries do until the watcher has read the file as it is now and acted on
     every event; return the last edit handed over (None if none)."""
@@ -144,13 +156,7 @@ def test_bad_versions_keep_the_previous_configuration_and_say_where(tmp_path, ca
             ("- lr\n", "line 1: the file must hold a mapping"),
             ("lr: fast\nname: run\n", "line 1: 'lr' must be a float"),
         ]:
-            caplog.clear()
-            with caplog.at_level(logging.WARNING, logger="weightslab"):
-                seen = watched.events
-                path.write_text(text)
-                assert watched.wait_for_events(seen + 1, timeout=10)
-                assert _poll_until_settled(watched, path) is None
-            messages = [r.getMessage() for r in caplog.records]
+            messages = _refused(watched, path, text, caplog)
             assert any(str(path) in m and says in m and "previous configuration is kept" in m for m in messages), \
                 (text, messages)
         seen = watched.events
@@ -199,14 +205,8 @@ def test_a_version_the_check_refuses_stays_refused_until_the_value_is_fixed(tmp_
     path, live, watched = _watched(tmp_path, "lr: 0.1\nepochs: 3\n", check=check)
     try:
         for text in ("lr: -1.0\nepochs: 3\n", "lr: -1.0\nepochs: 4\n"):
-            caplog.clear()
-            with caplog.at_level(logging.WARNING, logger="weightslab"):
-                seen = watched.events
-                path.write_text(text)
-                assert watched.wait_for_events(seen + 1, timeout=10)
-                assert _poll_until_settled(watched, path) is None
-            assert any(f"{path}, line 1: 'lr' = -1.0 must be >= 0. The previous configuration is kept" in r.getMessage()
-                       for r in caplog.records), text
+            assert any(f"{path}, line 1: 'lr' = -1.0 must be >= 0. The previous configuration is kept" in m
+                       for m in _refused(watched, path, text, caplog)), text
         assert live == {"lr": 0.1, "epochs": 3}
         seen = watched.events
         path.write_text("lr: 0.2\nepochs: 4\n")
