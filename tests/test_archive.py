@@ -488,3 +488,47 @@ def test_optimizer_state_no_codec_can_bound_stays_exact_and_archiving_goes_on(ro
         assert bool(torch.isnan(state["trace"][0, 0])) == (step == 2)
         assert float(state["exp_avg_sq"].min()) < 0.0  # (not coded as a second moment: those never go below 0)
     system.close()
+
+
+_SHARED = r"""
+import sys, time, torch
+from torch import nn
+import weightslab as wl
+from weightslab.retention import KeepLast, Retention
+system = wl.get_checkpoint_system(root_log_dir=sys.argv[1], checkpoint_frequency=1, save_on_close=False,
+                                  retention=Retention(policies=(KeepLast(n=2),), archive=wl.Archive.of("lc")))
+torch.manual_seed(0)
+model = wl.register_model(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8)))
+opt = wl.register_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3))
+x = torch.randn(128, 64)
+for step in range(1, 31):
+    opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+    wl.checkpoint_on_step(step)
+    time.sleep(0.02)
+system.close()
+print("DONE")
+"""
+
+
+def test_a_training_run_and_prune_archive_from_another_process_share_a_root(root):
+    """The training process archives after each save while `weightslab prune --archive` runs on the
+    same root from another process, again and again: both may demote the same checkpoint; every
+    checkpoint ends exact or archived, verified, and decodes."""
+    trainer = subprocess.Popen([sys.executable, "-c", _SHARED, str(root)], env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pruned = 0
+    while trainer.poll() is None:
+        if (root / "checkpoints").is_dir():
+            proc = run_cli("prune", "--keep-last", "2", "--archive", "lc", root=root)
+            assert proc.returncode in (0, 3), proc.stderr  # (3: the root's first files are not there yet)
+            pruned += proc.returncode == 0
+    out, err = trainer.communicate()
+    assert trainer.returncode == 0 and "DONE" in out, err
+    assert pruned >= 2
+    report = wl.verify(root=root)
+    assert report.ok and len(report.checked) == 30, report
+    manager = CheckpointManager(root)
+    exact = [manager.read_manifest(e).exact for e in manager.checkpoints()]
+    assert exact[0] and exact[-2:] == [True, True] and not any(exact[1:-2])
+    for entry in manager.checkpoints():
+        load_tensors(manager, manager.read_manifest(entry))  # every one decodes, every byte verified
